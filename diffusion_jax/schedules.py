@@ -1,0 +1,196 @@
+"""Noise schedules and respacing.
+
+Conventions used throughout the library:
+
+* The training chain has ``T`` steps. Timesteps are **0-indexed**: ``t = 0`` is the least noisy
+  level (DDPM's ``x_1``) and ``t = T - 1`` the noisiest (DDPM's ``x_T``). ``x_0`` (the data) has no
+  index of its own: ``alpha_bar_prev[0] == 1``.
+* A :class:`Schedule` holds one row per step of the chain it describes, all float32 arrays of
+  shape ``(K,)``. For the training schedule ``K == T``; a respaced schedule (see :func:`respace`)
+  keeps ``K < T`` of the training timesteps and stores their original indices in ``timesteps``,
+  which is what the network is conditioned on.
+* Every derived quantity is computed once in float64 numpy and only then stored as float32, so
+  that products such as ``alpha_bar`` do not accumulate float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+SCHEDULES = ("linear", "cosine", "sigmoid")
+
+# Betas at (or above) 1 would destroy the signal in one step and make 1 - beta = 0; every
+# schedule is clipped here, as in Nichol & Dhariwal (2021).
+MAX_BETA = 0.999
+
+
+@struct.dataclass
+class Schedule:
+    """Per-step coefficients of a (possibly respaced) diffusion chain; every field has shape (K,).
+
+    ``betas[k]`` is the variance of the step from row ``k - 1`` to row ``k`` (from the data for
+    ``k = 0``). ``posterior_*`` describe q(x_{k-1} | x_k, x_0) on this chain. ``model_mean_coef*``
+    are the posterior-mean coefficients of the *training* chain at ``timesteps[k]``: a network
+    trained to predict the posterior mean predicts those, whatever chain the sampler walks.
+    """
+
+    timesteps: jnp.ndarray  # int32, indices into the training chain (what the network sees)
+    betas: jnp.ndarray
+    alphas: jnp.ndarray
+    alpha_bar: jnp.ndarray
+    alpha_bar_prev: jnp.ndarray
+    sqrt_alpha_bar: jnp.ndarray
+    sqrt_one_minus_alpha_bar: jnp.ndarray
+    sqrt_recip_alpha_bar: jnp.ndarray
+    sqrt_recipm1_alpha_bar: jnp.ndarray
+    posterior_variance: jnp.ndarray  # beta_tilde; exactly 0 at k = 0
+    posterior_log_variance_clipped: jnp.ndarray  # log beta_tilde with row 0 replaced by row 1
+    posterior_mean_coef1: jnp.ndarray  # multiplies x_0
+    posterior_mean_coef2: jnp.ndarray  # multiplies x_k
+    model_mean_coef1: jnp.ndarray
+    model_mean_coef2: jnp.ndarray
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of steps of this chain."""
+        return self.betas.shape[0]
+
+
+def _check_num_timesteps(num_timesteps) -> int:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps!r}")
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be an integer >= 1, got {num_timesteps}")
+    return int(num_timesteps)
+
+
+def linear_betas(num_timesteps: int) -> np.ndarray:
+    """DDPM's linear betas (1e-4 .. 0.02 at T=1000), scaled by 1000/T. Shape (T,), float64.
+
+    The scaling keeps the total noise of the chain (and so sqrt(alpha_bar_T) ~ 0.006) roughly
+    independent of T; for T < 50 the largest betas reach the 0.999 clip.
+    """
+    scale = 1000.0 / num_timesteps
+    betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    return np.minimum(betas, MAX_BETA)
+
+
+def _betas_from_alpha_bar_fn(alpha_bar_fn, num_timesteps: int) -> np.ndarray:
+    """betas_t = 1 - abar(t/T) / abar((t-1)/T), clipped; abar_fn maps [0, 1] -> (0, 1]."""
+    grid = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
+    abar = alpha_bar_fn(grid)
+    abar = abar / abar[0]
+    betas = 1.0 - abar[1:] / abar[:-1]
+    return np.clip(betas, 0.0, MAX_BETA)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule: abar(u) = cos^2(pi/2 (u + s) / (1 + s)). Shape (T,)."""
+    return _betas_from_alpha_bar_fn(
+        lambda u: np.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2, num_timesteps
+    )
+
+
+def sigmoid_betas(
+    num_timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0
+) -> np.ndarray:
+    """Sigmoid schedule (Jabri et al. 2022): abar(u) falls as a rescaled sigmoid. Shape (T,).
+
+    Spends more steps at middle noise levels than the cosine schedule; ``tau`` sharpens it.
+    """
+
+    def sigmoid(z):
+        return 1.0 / (1.0 + np.exp(-z))
+
+    v_start, v_end = sigmoid(start / tau), sigmoid(end / tau)
+    return _betas_from_alpha_bar_fn(
+        lambda u: (v_end - sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start),
+        num_timesteps,
+    )
+
+
+_BETA_FNS = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+
+
+def _chain_coefficients(alpha_bar: np.ndarray) -> dict[str, np.ndarray]:
+    """Float64 coefficients of the chain whose cumulative products are ``alpha_bar`` (K,)."""
+    alpha_bar_prev = np.concatenate([[1.0], alpha_bar[:-1]])
+    alphas = alpha_bar / alpha_bar_prev
+    betas = 1.0 - alphas
+    posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    # Row 0 has zero posterior variance; borrow row 1 for the log so it stays finite (a
+    # one-step chain has no row 1 and never adds noise, so any finite value will do).
+    log_var = np.log(np.append(posterior_variance[1:2], posterior_variance[1:]))
+    if alpha_bar.shape[0] == 1:
+        log_var = np.zeros(1)
+    return dict(
+        betas=betas,
+        alphas=alphas,
+        alpha_bar=alpha_bar,
+        alpha_bar_prev=alpha_bar_prev,
+        sqrt_alpha_bar=np.sqrt(alpha_bar),
+        sqrt_one_minus_alpha_bar=np.sqrt(1.0 - alpha_bar),
+        sqrt_recip_alpha_bar=np.sqrt(1.0 / alpha_bar),
+        sqrt_recipm1_alpha_bar=np.sqrt(1.0 / alpha_bar - 1.0),
+        posterior_variance=posterior_variance,
+        posterior_log_variance_clipped=log_var,
+        posterior_mean_coef1=betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar),
+        posterior_mean_coef2=(1.0 - alpha_bar_prev) * np.sqrt(alphas) / (1.0 - alpha_bar),
+    )
+
+
+def _schedule(timesteps: np.ndarray, alpha_bar: np.ndarray, training_alpha_bar: np.ndarray):
+    """The Schedule visiting ``timesteps`` of the training chain with cumulative ``alpha_bar``."""
+    coefs = _chain_coefficients(alpha_bar)
+    training = _chain_coefficients(training_alpha_bar)
+    coefs["model_mean_coef1"] = training["posterior_mean_coef1"][timesteps]
+    coefs["model_mean_coef2"] = training["posterior_mean_coef2"][timesteps]
+    fields = {k: jnp.asarray(np.asarray(v, dtype=np.float32)) for k, v in coefs.items()}
+    return Schedule(timesteps=jnp.asarray(np.asarray(timesteps, dtype=np.int32)), **fields)
+
+
+def get_betas(name: str, num_timesteps: int) -> np.ndarray:
+    """The float64 betas of a named schedule. Shape (T,)."""
+    if name not in _BETA_FNS:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    return _BETA_FNS[name](_check_num_timesteps(num_timesteps))
+
+
+def make_schedule(name: str, num_timesteps: int) -> Schedule:
+    """The training schedule: ``name`` in ``SCHEDULES``, ``num_timesteps`` (T) >= 1 steps."""
+    alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
+    return _schedule(np.arange(alpha_bar.shape[0]), alpha_bar, alpha_bar)
+
+
+def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """K evenly spaced training timesteps, increasing, always containing T-1. Shape (K,), int.
+
+    For K >= 2 both ends (0 and T-1) are included; K = 1 keeps only T-1 (one jump from noise to
+    data). K = T gives every timestep.
+    """
+    num_timesteps = _check_num_timesteps(num_timesteps)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
+        raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}], got {num_steps!r}")
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(
+            f"num_steps must be in [1, {num_timesteps}] (the training chain has "
+            f"{num_timesteps} steps), got {num_steps}"
+        )
+    # Spacing (T-1)/(K-1) >= 1, so rounding keeps the K values distinct.
+    return np.round(np.linspace(num_timesteps - 1, 0, num_steps))[::-1].astype(np.int64)
+
+
+def respace(name: str, num_timesteps: int, num_steps: int) -> Schedule:
+    """The training schedule ``(name, T)`` restricted to ``num_steps`` (K) evenly spaced steps.
+
+    The cumulative alpha_bar of the kept timesteps is unchanged; the betas of the shorter chain are
+    recomputed from it (beta'_k = 1 - abar[s_k] / abar[s_{k-1}]), so its forward marginals are
+    exactly those of the full chain. K = T returns the full schedule.
+    """
+    alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
+    keep = respaced_timesteps(num_timesteps, num_steps)
+    return _schedule(keep, alpha_bar[keep], alpha_bar)

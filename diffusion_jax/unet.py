@@ -1,0 +1,145 @@
+"""A Flax Linen U-Net denoiser for small images (28x28 without padding, 32x32, ...).
+
+Call signature: ``UNet(...).apply(params, x, t, labels, train=False, rngs=...)`` with x (B, H, W, C)
+in any float dtype, t int32 (B,) training timesteps, labels int32 (B,) in [0, num_classes] (the last
+value is the null label); returns (B, H, W, out_channels) float32. H and W must be divisible by
+2 ** (len(channel_mults) - 1): 28 -> 14 -> 7 with three levels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.embeddings import Conditioning
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> swish -> conv, plus the projected embedding, then the same again, residual."""
+
+    features: int
+    num_groups: int
+    dropout: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, emb, train: bool):
+        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype)(x))
+        h = nn.Conv(self.features, (3, 3), dtype=self.dtype)(h)
+        h = h + nn.Dense(self.features, dtype=self.dtype)(nn.swish(emb))[:, None, None, :]
+        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype)(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.Conv(self.features, (3, 3), dtype=self.dtype)(h)
+        if x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual."""
+
+    num_heads: int
+    num_groups: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        y = nn.GroupNorm(self.num_groups, dtype=self.dtype)(x).reshape(b, h * w, c)
+        y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)(y)
+        return x + y.reshape(b, h, w, c)
+
+
+class UNet(nn.Module):
+    """DDPM-style U-Net with time and class conditioning in every residual block.
+
+    Attributes:
+      num_classes: classes of the data; the class table gets one extra null row. 0 = unconditional.
+      channels: width of the first level.
+      channel_mults: width multiplier of each level; one downsampling between levels.
+      num_res_blocks: residual blocks per level on the way down (one more on the way up).
+      attention_resolutions: spatial sizes (e.g. (7, 14)) at which self-attention is used.
+      num_heads: attention heads.
+      dropout: dropout rate inside residual blocks (active only with ``train=True``).
+      num_groups: GroupNorm groups; must divide every level's width.
+      out_channels: output channels; None = as many as the input.
+      dtype: activation dtype (jnp.bfloat16 for mixed precision); parameters stay float32.
+    """
+
+    num_classes: int = 10
+    channels: int = 64
+    channel_mults: Sequence[int] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (7,)
+    num_heads: int = 4
+    dropout: float = 0.1
+    num_groups: int = 8
+    out_channels: int | None = None
+    dtype: jnp.dtype = jnp.float32
+
+    def check_input_shape(self, shape) -> None:
+        """Raise ValueError if images of ``shape`` (B, H, W, C) cannot pass through this U-Net."""
+        if len(shape) != 4:
+            raise ValueError(f"UNet expects NHWC images (B, H, W, C), got shape {tuple(shape)}")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if shape[1] % factor or shape[2] % factor:
+            raise ValueError(
+                f"UNet with channel_mults={tuple(self.channel_mults)} downsamples by {factor}: "
+                f"height and width must be divisible by {factor}, got {shape[1]}x{shape[2]} "
+                "(e.g. 28x28 works with 3 levels, 32x32 with up to 6)"
+            )
+        for mult in self.channel_mults:
+            if (self.channels * mult) % self.num_groups:
+                raise ValueError(
+                    f"num_groups={self.num_groups} must divide every level's width "
+                    f"(channels * mult = {self.channels * mult})"
+                )
+
+    @nn.compact
+    def __call__(self, x, t, labels=None, train: bool = False):
+        self.check_input_shape(x.shape)
+        block = dict(num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype)
+        emb = Conditioning(4 * self.channels, self.num_classes, self.dtype)(t, labels)
+
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        skips = [h]
+        for level, mult in enumerate(self.channel_mults):
+            for _ in range(self.num_res_blocks):
+                h = ResBlock(self.channels * mult, **block)(h, emb, train)
+                h = self._maybe_attend(h)
+                skips.append(h)
+            if level < len(self.channel_mults) - 1:
+                h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype)(h)
+                skips.append(h)
+
+        h = ResBlock(h.shape[-1], **block)(h, emb, train)
+        h = AttentionBlock(self.num_heads, self.num_groups, self.dtype)(h)
+        h = ResBlock(h.shape[-1], **block)(h, emb, train)
+
+        for level, mult in reversed(list(enumerate(self.channel_mults))):
+            for _ in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = ResBlock(self.channels * mult, **block)(h, emb, train)
+                h = self._maybe_attend(h)
+            if level > 0:
+                b, hh, ww, c = h.shape
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)
+                h = nn.Conv(c, (3, 3), dtype=self.dtype)(h)
+
+        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype)(h))
+        # Zero-initialised output: the untrained model predicts 0 (the mean of eps), a calm start.
+        h = nn.Conv(
+            self.out_channels or x.shape[-1],
+            (3, 3),
+            dtype=self.dtype,
+            kernel_init=nn.initializers.zeros,
+            name="head",
+        )(h)
+        return h.astype(jnp.float32)
+
+    def _maybe_attend(self, h):
+        if h.shape[1] in self.attention_resolutions:
+            h = AttentionBlock(self.num_heads, self.num_groups, self.dtype)(h)
+        return h

@@ -1,0 +1,76 @@
+"""Closed-form optimal denoisers for Gaussian and Gaussian-mixture data, used to test samplers.
+
+For x_0 ~ N(mu, s^2 I) and x_t = sqrt(a) x_0 + sqrt(1 - a) eps, the optimal noise prediction is
+E[eps | x_t] = sqrt(1 - a) (x_t - sqrt(a) mu) / (a s^2 + 1 - a). For a mixture, the unconditional
+optimum is the responsibility-weighted average of the components' predictions.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def mixture_params(means, std, weights, alpha_bar):
+    """Arrays the exact denoiser reads: means (C, D), std scalar, weights (C,), alpha_bar (T,)."""
+    return {
+        "means": jnp.asarray(means, jnp.float32),
+        "std": jnp.float32(std),
+        "log_weights": jnp.log(jnp.asarray(weights, jnp.float32)),
+        "alpha_bar": jnp.asarray(alpha_bar, jnp.float32),
+    }
+
+
+def mixture_eps(params, x, t, labels):
+    """The optimal eps for x (B, D) at training timesteps t (B,); label C means unconditional."""
+    a = params["alpha_bar"][t][:, None, None]  # (B, 1, 1)
+    mu = params["means"][None]  # (1, C, D)
+    var = a * params["std"] ** 2 + 1.0 - a
+    diff = x[:, None, :] - jnp.sqrt(a) * mu  # (B, C, D)
+    eps_c = jnp.sqrt(1.0 - a) * diff / var  # per-component optimum
+    log_lik = -0.5 * jnp.sum(diff**2, axis=-1) / var[..., 0] + params["log_weights"]
+    resp = jax.nn.softmax(log_lik, axis=-1)  # (B, C)
+    num_classes = mu.shape[1]
+    onehot = jax.nn.one_hot(labels, num_classes)  # the null label C gives a zero row
+    conditional = labels < num_classes
+    weights = jnp.where(conditional[:, None], onehot, resp)
+    return jnp.einsum("bc,bcd->bd", weights, eps_c)
+
+
+def gaussian_moments(samples):
+    s = np.asarray(samples, np.float64)
+    return s.mean(axis=0), s.var(axis=0)
+
+
+def gaussian_chain_moments(alpha_bar, mu, std, method, variance="small", eta=0.0):
+    """Mean and variance (per dimension) of what a sampler produces for N(mu, std^2) data.
+
+    Float64 numpy, written from the papers' update rules (DDPM eq. 11, DDIM eq. 12), not from
+    the library: with the exact denoiser every step is affine in x plus Gaussian noise, so the
+    sampler's output is Gaussian and its moments can be propagated exactly. ``alpha_bar`` (K,) are
+    the cumulative products of the chain the sampler walks (last row first).
+    """
+    alpha_bar = np.asarray(alpha_bar, np.float64)
+    mu = np.asarray(mu, np.float64)
+    m, v = np.zeros_like(mu), np.ones_like(mu)
+    for k in range(len(alpha_bar) - 1, -1, -1):
+        a = alpha_bar[k]
+        a_prev = alpha_bar[k - 1] if k > 0 else 1.0
+        alpha, beta = a / a_prev, 1.0 - a / a_prev
+        # eps_hat(x) = g * x + h with the optimal denoiser
+        g = np.sqrt(1.0 - a) / (a * std**2 + 1.0 - a)
+        h = -g * np.sqrt(a) * mu
+        beta_tilde = (1.0 - a_prev) / (1.0 - a) * beta
+        if method == "ddpm":
+            # x' = (x - beta / sqrt(1 - a) * eps_hat) / sqrt(alpha) + sigma z
+            scale = beta / np.sqrt(1.0 - a)
+            p, q = (1.0 - scale * g) / np.sqrt(alpha), -scale * h / np.sqrt(alpha)
+            sigma2 = 0.0 if k == 0 else (beta_tilde if variance == "small" else beta)
+        else:
+            # x' = sqrt(a_prev) (x - sqrt(1 - a) eps_hat) / sqrt(a) + sqrt(1 - a_prev - s^2) eps_hat
+            sigma2 = eta**2 * beta_tilde
+            d = np.sqrt(1.0 - a_prev - sigma2)
+            r = np.sqrt(a_prev / a)
+            p = r * (1.0 - np.sqrt(1.0 - a) * g) + d * g
+            q = (-r * np.sqrt(1.0 - a) + d) * h
+        m, v = p * m + q, p**2 * v + sigma2
+    return m, v
