@@ -38,9 +38,10 @@ def take(coef: jnp.ndarray, k: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
 
 def q_sample(schedule: Schedule, x0: jnp.ndarray, k: jnp.ndarray, eps: jnp.ndarray) -> jnp.ndarray:
     """A draw of x_k ~ q(x_k | x_0) given the standard normal ``eps``: same shape as ``x0``."""
-    return take(schedule.sqrt_alpha_bar, k, x0) * x0 + take(
-        schedule.sqrt_one_minus_alpha_bar, k, x0
-    ) * eps
+    return (
+        take(schedule.sqrt_alpha_bar, k, x0) * x0
+        + take(schedule.sqrt_one_minus_alpha_bar, k, x0) * eps
+    )
 
 
 def q_posterior(schedule: Schedule, x0, x_k, k):
@@ -49,18 +50,20 @@ def q_posterior(schedule: Schedule, x0, x_k, k):
     ``mean`` has the shape of ``x0``; the variances broadcast against it. At k = 0 the variance
     is 0 and x_{-1} means the data itself.
     """
-    mean = take(schedule.posterior_mean_coef1, k, x0) * x0 + take(
-        schedule.posterior_mean_coef2, k, x0
-    ) * x_k
+    mean = (
+        take(schedule.posterior_mean_coef1, k, x0) * x0
+        + take(schedule.posterior_mean_coef2, k, x0) * x_k
+    )
     var = take(schedule.posterior_variance, k, x0)
     log_var = take(schedule.posterior_log_variance_clipped, k, x0)
     return mean, var, log_var
 
 
 def x0_from_eps(schedule: Schedule, x_k, k, eps):
-    return take(schedule.sqrt_recip_alpha_bar, k, x_k) * x_k - take(
-        schedule.sqrt_recipm1_alpha_bar, k, x_k
-    ) * eps
+    return (
+        take(schedule.sqrt_recip_alpha_bar, k, x_k) * x_k
+        - take(schedule.sqrt_recipm1_alpha_bar, k, x_k) * eps
+    )
 
 
 def eps_from_x0(schedule: Schedule, x_k, k, x0):
@@ -70,22 +73,24 @@ def eps_from_x0(schedule: Schedule, x_k, k, x0):
 
 
 def v_from_x0_eps(schedule: Schedule, x0, eps, k):
-    return take(schedule.sqrt_alpha_bar, k, x0) * eps - take(
-        schedule.sqrt_one_minus_alpha_bar, k, x0
-    ) * x0
+    return (
+        take(schedule.sqrt_alpha_bar, k, x0) * eps
+        - take(schedule.sqrt_one_minus_alpha_bar, k, x0) * x0
+    )
 
 
 def x0_from_v(schedule: Schedule, x_k, k, v):
-    return take(schedule.sqrt_alpha_bar, k, x_k) * x_k - take(
-        schedule.sqrt_one_minus_alpha_bar, k, x_k
-    ) * v
+    return (
+        take(schedule.sqrt_alpha_bar, k, x_k) * x_k
+        - take(schedule.sqrt_one_minus_alpha_bar, k, x_k) * v
+    )
 
 
 def model_mean_from_x0(schedule: Schedule, x_k, k, x0):
     """The training chain's posterior mean at ``schedule.timesteps[k]`` (what "mean" predicts)."""
-    return take(schedule.model_mean_coef1, k, x_k) * x0 + take(
-        schedule.model_mean_coef2, k, x_k
-    ) * x_k
+    return (
+        take(schedule.model_mean_coef1, k, x_k) * x0 + take(schedule.model_mean_coef2, k, x_k) * x_k
+    )
 
 
 def x0_from_model_mean(schedule: Schedule, x_k, k, mean):
@@ -128,9 +133,10 @@ def to_x0_eps(
         eps = eps_from_x0(schedule, x_k, k, x0)
     elif prediction == "v":
         x0 = x0_from_v(schedule, x_k, k, output)
-        eps = take(schedule.sqrt_one_minus_alpha_bar, k, x_k) * x_k + take(
-            schedule.sqrt_alpha_bar, k, x_k
-        ) * output
+        eps = (
+            take(schedule.sqrt_one_minus_alpha_bar, k, x_k) * x_k
+            + take(schedule.sqrt_alpha_bar, k, x_k) * output
+        )
     else:
         x0 = x0_from_model_mean(schedule, x_k, k, output)
         eps = eps_from_x0(schedule, x_k, k, x0)

@@ -7,7 +7,7 @@ in [0, num_classes], where ``num_classes`` itself is the *null* (unconditional) 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

@@ -7,7 +7,7 @@ import functools
 import flax.linen as nn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def denoiser(module: nn.Module, train: bool = False):
     """``fn(params, x_t, t, labels, **apply_kwargs) -> output`` for a Linen ``module``.
 

@@ -24,7 +24,8 @@ lambda or ``functools.partial`` per call is a new static argument and recompiles
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

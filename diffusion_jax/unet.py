@@ -8,7 +8,7 @@ value is the null label); returns (B, H, W, out_channels) float32. H and W must 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp

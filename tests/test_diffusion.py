@@ -12,7 +12,7 @@ SCHEDULE = make_schedule("linear", 100)
 
 
 def test_q_sample_matches_step_by_step_chain():
-    """x_k from q(x_k | x_0) has the moments of k+1 forward steps x <- sqrt(alpha) x + sqrt(beta) z."""
+    """x_k from q(x_k | x_0) has the moments of k+1 steps x <- sqrt(alpha) x + sqrt(beta) z."""
     rng = np.random.default_rng(0)
     betas = np.asarray(SCHEDULE.betas, np.float64)
     x0, n, k = 0.7, 200_000, 40
@@ -28,7 +28,9 @@ def test_q_sample_matches_step_by_step_chain():
     assert abs(xt.mean() - np.sqrt(abar) * x0) < 5 * se_mean
 
 
-@pytest.mark.parametrize("schedule", [SCHEDULE, respace("cosine", 100, 9)], ids=["full", "respaced"])
+@pytest.mark.parametrize(
+    "schedule", [SCHEDULE, respace("cosine", 100, 9)], ids=["full", "respaced"]
+)
 def test_posterior_is_bayes_rule(schedule):
     """q(x_{k-1} | x_k, x_0) ∝ q(x_k | x_{k-1}) q(x_{k-1} | x_0), computed in float64."""
     rng = np.random.default_rng(1)
@@ -42,7 +44,8 @@ def test_posterior_is_bayes_rule(schedule):
     prec = 1 / (1 - a_prev) + alpha / beta
     var = 1 / prec
     mean = var[:, None] * (
-        np.sqrt(a_prev)[:, None] * x0 / (1 - a_prev)[:, None] + np.sqrt(alpha)[:, None] * xk / beta[:, None]
+        np.sqrt(a_prev)[:, None] * x0 / (1 - a_prev)[:, None]
+        + np.sqrt(alpha)[:, None] * xk / beta[:, None]
     )
     m, v, logv = diffusion.q_posterior(schedule, jnp.asarray(x0), jnp.asarray(xk), jnp.asarray(k))
     np.testing.assert_allclose(m, mean, rtol=2e-4, atol=2e-5)
@@ -58,7 +61,9 @@ def test_posterior_at_first_step_is_the_data():
 
 
 @pytest.mark.parametrize("prediction", diffusion.PREDICTIONS)
-@pytest.mark.parametrize("schedule", [SCHEDULE, respace("linear", 100, 10)], ids=["full", "respaced"])
+@pytest.mark.parametrize(
+    "schedule", [SCHEDULE, respace("linear", 100, 10)], ids=["full", "respaced"]
+)
 def test_conversions_round_trip(prediction, schedule):
     key = jax.random.PRNGKey(2)
     x0 = jax.random.uniform(key, (64, 4, 4, 1), minval=-1, maxval=1)
@@ -105,4 +110,6 @@ def test_clipping_keeps_x0_and_eps_consistent():
 
 def test_unknown_prediction():
     with pytest.raises(ValueError, match="prediction must be one of"):
-        diffusion.to_x0_eps(SCHEDULE, "score", jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros(1, int))
+        diffusion.to_x0_eps(
+            SCHEDULE, "score", jnp.zeros((1, 2)), jnp.zeros((1, 2)), jnp.zeros(1, int)
+        )

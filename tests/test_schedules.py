@@ -70,8 +70,9 @@ def test_respaced_consistent_with_full(K):
     # Same marginals, and the shorter chain's betas compose back to them.
     np.testing.assert_allclose(sub.alpha_bar, np.asarray(full.alpha_bar)[ts], rtol=1e-6)
     # (alphas, not 1 - betas: a float32 beta near 1 keeps few digits of 1 - beta.)
-    np.testing.assert_allclose(np.cumprod(np.asarray(sub.alphas, np.float64)), sub.alpha_bar,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.cumprod(np.asarray(sub.alphas, np.float64)), sub.alpha_bar, rtol=1e-5
+    )
     np.testing.assert_allclose(sub.betas, 1 - np.asarray(sub.alphas, np.float64), atol=1e-7)
     # A mean-predicting network was trained on the full chain's posterior means.
     np.testing.assert_allclose(sub.model_mean_coef1, np.asarray(full.posterior_mean_coef1)[ts])
@@ -79,7 +80,7 @@ def test_respaced_consistent_with_full(K):
 
 def test_respace_all_steps_is_identity():
     full, same = make_schedule("linear", 30), respace("linear", 30, 30)
-    for a, b in zip(full.__dict__.values(), same.__dict__.values()):
+    for a, b in zip(full.__dict__.values(), same.__dict__.values(), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

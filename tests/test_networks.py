@@ -1,0 +1,125 @@
+"""U-Net and MLP denoiser: shapes, zero start, conditioning wired in, bfloat16, bad shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import MLPDenoiser, UNet, denoiser
+
+TINY = dict(
+    num_classes=10,
+    channels=8,
+    channel_mults=(1, 2, 2),
+    num_res_blocks=1,
+    attention_resolutions=(7, 8),
+    num_heads=2,
+    num_groups=4,
+    dropout=0.1,
+)
+
+
+def init(model, shape):
+    x = jnp.zeros(shape)
+    t = jnp.zeros(shape[:1], jnp.int32)
+    return jax.jit(model.init)(jax.random.PRNGKey(0), x, t, t)["params"]
+
+
+def randomize_head(params, key):
+    """Give the zero-initialised output layer random weights so the output shows its inputs."""
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "head" in name or (
+            "Dense_" in name and "kernel" in name and leaf.ndim == 2 and "Conditioning" not in name
+        ):
+            return jax.random.normal(jax.random.fold_in(key, leaf.size), leaf.shape) * 0.1
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fill, params)
+
+
+@pytest.fixture(scope="module")
+def unet28():
+    model = UNet(**TINY)
+    return model, init(model, (2, 28, 28, 1)), (2, 28, 28, 1)
+
+
+@pytest.fixture(scope="module", params=["28x28", "32x32"])
+def unet(request):
+    if request.param == "28x28":
+        return request.getfixturevalue("unet28")
+    model = UNet(**TINY)
+    return model, init(model, (2, 32, 32, 3)), (2, 32, 32, 3)
+
+
+def test_unet_shapes_and_zero_init(unet):
+    model, params, shape = unet
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    fn = jax.jit(denoiser(model))
+    out = fn(params, x, jnp.array([3, 900]), jnp.array([1, 10]))
+    assert out.shape == shape and out.dtype == jnp.float32
+    assert float(jnp.abs(out).max()) == 0.0  # zero-initialised output layer
+    head = randomize_head(params, jax.random.PRNGKey(2))
+    base = fn(head, x, jnp.array([3, 900]), jnp.array([1, 10]))
+    assert float(jnp.abs(base).max()) > 0
+    # time and class conditioning both reach the output, per example
+    other_t = fn(head, x, jnp.array([3, 100]), jnp.array([1, 10]))
+    other_c = fn(head, x, jnp.array([3, 900]), jnp.array([1, 4]))
+    np.testing.assert_allclose(other_t[0], base[0], atol=1e-6)
+    assert float(jnp.abs(other_t[1] - base[1]).max()) > 1e-4
+    np.testing.assert_allclose(other_c[0], base[0], atol=1e-6)
+    assert float(jnp.abs(other_c[1] - base[1]).max()) > 1e-4
+
+
+def test_dropout_only_in_training(unet28):
+    model, params, shape = unet28
+    head = randomize_head(params, jax.random.PRNGKey(2))
+    x, t = jnp.ones(shape), jnp.zeros(shape[:1], jnp.int32)
+    train_fn = jax.jit(denoiser(model, train=True))
+    a = train_fn(head, x, t, t, rngs={"dropout": jax.random.PRNGKey(0)})
+    b = train_fn(head, x, t, t, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert float(jnp.abs(a - b).max()) > 0
+    eval_fn = jax.jit(denoiser(model))
+    e1, e2 = eval_fn(head, x, t, t), eval_fn(head, x, t, t)
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_bfloat16_activations_float32_params(unet28):
+    model32, params, shape = unet28
+    model16 = model32.clone(dtype=jnp.bfloat16)
+    x, t = jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32)
+    shapes16 = jax.eval_shape(model16.init, jax.random.PRNGKey(0), x, t, t)["params"]
+    assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(params)
+    params = randomize_head(params, jax.random.PRNGKey(3))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    x = jax.random.normal(jax.random.PRNGKey(4), shape)
+    t = jnp.array([5, 500])
+    out16 = jax.jit(denoiser(model16))(params, x, t, t % 10)
+    out32 = jax.jit(denoiser(model32))(params, x, t, t % 10)
+    assert out16.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(out16)))
+    rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
+    assert rel < 0.1, rel  # same function, bfloat16 rounding only
+
+
+@pytest.mark.parametrize(
+    "kw, shape, match",
+    [
+        ({}, (1, 30, 30, 1), "divisible by 4"),
+        ({"channel_mults": (1, 2, 2, 2)}, (1, 28, 28, 1), "divisible by 8"),
+        ({}, (1, 28, 28), "NHWC"),
+        ({"num_groups": 3}, (1, 28, 28, 1), "num_groups=3"),
+    ],
+)
+def test_unet_rejects_bad_shapes(kw, shape, match):
+    with pytest.raises(ValueError, match=match):
+        UNet(**{**TINY, **kw}).check_input_shape(shape)
+
+
+def test_mlp_denoiser():
+    model = MLPDenoiser(num_classes=3, hidden=32, num_layers=2)
+    params = init(model, (4, 2))
+    out = denoiser(model)(params, jnp.ones((4, 2)), jnp.arange(4), jnp.array([0, 1, 2, 3]))
+    assert out.shape == (4, 2) and float(jnp.abs(out).max()) == 0.0
+    with pytest.raises(ValueError, match=r"\(B, D\)"):
+        model.check_input_shape((4, 2, 1))
