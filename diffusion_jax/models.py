@@ -1,10 +1,60 @@
-"""Turning a Flax module into the denoiser callable the losses and samplers take."""
+"""Building the configured network, and turning a Flax module into a denoiser callable."""
 
 from __future__ import annotations
 
 import functools
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.mlp import MLPDenoiser
+from diffusion_jax.unet import UNet
+
+
+def build_model(config) -> nn.Module:
+    """The network that ``config`` (a :class:`~diffusion_jax.config.Config`) describes."""
+    dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+    if config.model == "mlp":
+        return MLPDenoiser(
+            num_classes=config.num_classes,
+            hidden=config.mlp_hidden,
+            num_layers=config.mlp_layers,
+            dtype=dtype,
+        )
+    return UNet(
+        num_classes=config.num_classes,
+        channels=config.channels,
+        channel_mults=tuple(config.channel_mults),
+        num_res_blocks=config.num_res_blocks,
+        attention_resolutions=tuple(config.attention_resolutions),
+        num_heads=config.num_heads,
+        dropout=config.dropout,
+        num_groups=config.num_groups,
+        dtype=dtype,
+    )
+
+
+@functools.cache
+def _jitted_init(model: nn.Module):
+    return jax.jit(model.init)
+
+
+def init_params(model: nn.Module, key: jax.Array, sample_shape: tuple[int, ...]):
+    """Parameters for inputs of ``sample_shape`` = (B, ...), initialised under jit (compiled once
+    per module)."""
+    model.check_input_shape(sample_shape)
+    x = jnp.zeros(sample_shape, jnp.float32)
+    t = jnp.zeros(sample_shape[:1], jnp.int32)
+    return _jitted_init(model)(key, x, t, t)["params"]
+
+
+def abstract_params(model: nn.Module, sample_shape: tuple[int, ...]):
+    """Shapes and dtypes of the parameters, without computing them (a restore target)."""
+    model.check_input_shape(sample_shape)
+    x = jax.ShapeDtypeStruct(sample_shape, jnp.float32)
+    t = jax.ShapeDtypeStruct(sample_shape[:1], jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), x, t, t)["params"]
 
 
 @functools.cache

@@ -1,0 +1,140 @@
+"""Orbax checkpoints of a training run, and reading them back for sampling.
+
+Layout: ``WORKDIR/checkpoints/STEP/{state,ema,meta}``. ``state`` holds what resuming needs
+(step, parameters, optimizer state), ``ema`` the averaged parameters that sampling and evaluation
+use (restored alone, without the optimizer state), ``meta`` a JSON record with the project marker
+and the resolved config. The manager keeps the latest ``max_to_keep`` checkpoints for resuming
+and every checkpoint whose step is a multiple of ``keep_every`` for good.
+"""
+
+from __future__ import annotations
+
+import os
+
+import orbax.checkpoint as ocp
+
+from diffusion_jax import config as config_lib
+
+PROJECT = "diffusion_jax"
+FORMAT_VERSION = 1
+SUBDIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt or not ours; the message says what to do."""
+
+
+def manager(directory: str, keep_every: int = 0, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """A CheckpointManager over ``directory`` (the ``checkpoints`` folder), created if missing."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, keep_period=keep_every or None, create=True
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data_shape) -> None:
+    """Start an (asynchronous) save; call ``mngr.wait_until_finished()`` before exiting.
+
+    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling.
+    """
+    meta = {
+        "project": PROJECT,
+        "format": FORMAT_VERSION,
+        "step": int(step),
+        "config": config_lib.to_dict(config),
+        "data_shape": [int(d) for d in data_shape],
+    }
+    mngr.save(
+        int(step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            ema=ocp.args.StandardSave(ema_params),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+
+
+def resolve(path: str) -> tuple[str, int | None]:
+    """``(checkpoints_dir, step or None for the latest)`` for a workdir, its ``checkpoints``
+    folder, or one step's folder inside it."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"no checkpoint at {path!r}: the path does not exist. Train one with "
+            f"`python train.py --workdir {path}` or pass the workdir of an existing run."
+        )
+    if os.path.isdir(os.path.join(path, SUBDIR)):
+        return os.path.join(path, SUBDIR), None
+    base = os.path.basename(path)
+    if base.isdigit() and os.path.isdir(os.path.join(path, "meta")):
+        return os.path.dirname(path), int(base)
+    if any(d.isdigit() for d in os.listdir(path)):
+        return path, None
+    raise CheckpointError(
+        f"{path!r} holds no {PROJECT} checkpoints (expected a workdir containing "
+        f"{SUBDIR}/STEP/ folders written by train.py)"
+    )
+
+
+def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
+    steps = mngr.all_steps()
+    if not steps:
+        raise CheckpointError(f"{directory!r} holds no finished checkpoints")
+    if step is None:
+        return max(steps)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {directory!r}; have {steps}")
+    return step
+
+
+def _restore(mngr, directory: str, step: int, **items):
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types; all mean "cannot read"
+        raise CheckpointError(
+            f"checkpoint {os.path.join(directory, str(step))!r} could not be read "
+            f"({type(e).__name__}: {str(e)[:300]}). It may be incomplete or corrupt, or come "
+            f"from a different model configuration; other steps here: {mngr.all_steps()}"
+        ) from e
+
+
+def read_meta(mngr, directory: str, step: int) -> tuple[config_lib.Config, tuple[int, ...]]:
+    """``(config, data_shape)`` stored with ``step``, after checking the checkpoint is ours."""
+    meta = _restore(mngr, directory, step, meta=ocp.args.JsonRestore()).meta
+    if not isinstance(meta, dict) or meta.get("project") != PROJECT:
+        raise CheckpointError(f"{directory!r} step {step} is not a {PROJECT} checkpoint")
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory!r} step {step} has checkpoint format {meta.get('format')}, "
+            f"this version reads format {FORMAT_VERSION}"
+        )
+    try:
+        return config_lib.from_dict(meta["config"]), tuple(int(d) for d in meta["data_shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory!r} step {step} has an unreadable config: {e}") from e
+
+
+def restore_train(mngr, directory: str, step: int, state_target, ema_target):
+    """(state, ema_params) of ``step``, structured like the targets."""
+    r = _restore(
+        mngr,
+        directory,
+        step,
+        state=ocp.args.StandardRestore(state_target),
+        ema=ocp.args.StandardRestore(ema_target),
+    )
+    return r.state, r.ema
+
+
+def open_for_sampling(path: str):
+    """``(mngr, directory, step, config, data_shape)`` for the checkpoint at ``path``."""
+    directory, step = resolve(path)
+    mngr = manager(directory)
+    step = _pick_step(mngr, directory, step)
+    return (mngr, directory, step, *read_meta(mngr, directory, step))
+
+
+def restore_ema(mngr, directory: str, step: int, ema_target):
+    """Only the EMA parameters of ``step`` (the optimizer state is not read)."""
+    return _restore(mngr, directory, step, ema=ocp.args.StandardRestore(ema_target)).ema

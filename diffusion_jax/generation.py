@@ -1,0 +1,184 @@
+"""Sampling from a trained configuration: the sampler settings of a Config, one call."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import numpy as np
+
+from diffusion_jax import checkpoints, models, samplers
+from diffusion_jax.schedules import respace
+
+
+def generate(
+    config,
+    model,
+    params,
+    data_shape: tuple[int, ...],
+    labels,
+    key: jax.Array,
+    *,
+    w: float | None = None,
+    method: str | None = None,
+    steps: int | None = None,
+    eta: float = 0.0,
+    num_snapshots: int = 0,
+    timing: dict | None = None,
+) -> samplers.SampleResult:
+    """Samples of shape (len(labels), *data_shape) from ``model`` with ``params``.
+
+    ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w``, ``method`` and
+    ``steps`` default to the config's ``guidance``, ``sampler`` and ``sample_steps``; ``timing``
+    is passed to :func:`~diffusion_jax.samplers.sample`.
+    """
+    labels = np.asarray(labels)
+    return samplers.sample(
+        models.denoiser(model),
+        params,
+        respace(
+            config.schedule, config.num_timesteps, config.sample_steps if steps is None else steps
+        ),
+        key,
+        (len(labels), *data_shape),
+        num_classes=config.num_classes,
+        labels=labels,
+        w=config.guidance if w is None else w,
+        method=config.sampler if method is None else method,
+        eta=eta,
+        prediction=config.prediction,
+        num_snapshots=num_snapshots,
+        timing=timing,
+    )
+
+
+def load_for_sampling(path: str):
+    """``(config, model, ema_params, data_shape, step)`` from a workdir or a checkpoint folder.
+
+    Only the EMA parameters are read (not the optimizer state).
+    """
+    mngr, directory, step, config, data_shape = checkpoints.open_for_sampling(path)
+    try:
+        model = models.build_model(config)
+        target = models.abstract_params(model, (1, *data_shape))
+        params = checkpoints.restore_ema(mngr, directory, step, target)
+    finally:
+        mngr.close()
+    return config, model, params, data_shape, step
+
+
+def _check_writable(folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to output folder {folder!r}: {e.strerror}") from e
+
+
+def sample_to_files(
+    workdir: str,
+    *,
+    labels=None,
+    per_class: int | None = None,
+    w: float | None = None,
+    method: str | None = None,
+    steps: int | None = None,
+    eta: float = 0.0,
+    seed: int = 0,
+    frames: int = 20,
+    out: str | None = None,
+    overwrite: bool = False,
+    log=print,
+) -> dict[str, str]:
+    """Sample a checkpoint and write the pictures and an ``.npz``; returns {kind: path}.
+
+    Images: ``*_grid.png`` (one row per class), ``*_reverse.gif`` (``frames`` snapshots of the
+    chain) and ``*_samples.npz`` (uint8 images, labels, settings). 2-D data: ``*_toy2d.png``
+    (the full-length ancestral chain next to the requested few-step sampler, against the data)
+    and the ``.npz``. File names record step, sampler, steps, w and seed; existing files are
+    never replaced unless ``overwrite``.
+    """
+    from diffusion_jax import data, images
+
+    config, model, params, data_shape, step = load_for_sampling(workdir)
+    is_2d = len(data_shape) == 1
+    method = method or config.sampler
+    T = config.num_timesteps
+    if steps is None:
+        steps = T if method == "ddpm" else config.sample_steps
+    if not 1 <= steps <= T:
+        raise ValueError(
+            f"--steps must be in [1, {T}] (the model was trained with T={T}), got {steps}"
+        )
+    w = config.guidance if w is None else w
+    if labels is None:
+        per_class = per_class or (400 if is_2d else 8)
+        labels = np.repeat(np.arange(config.num_classes), per_class)
+    labels = np.asarray(labels, np.int32)
+    samplers.check_labels(labels, config.num_classes)
+    if labels.size == 0:
+        raise ValueError("no samples requested: give --labels or a --per_class above 0")
+
+    out = out or os.path.join(os.path.dirname(checkpoints.resolve(workdir)[0]), "samples")
+    stem = os.path.join(out, f"step{step}_{method}{steps}_w{w:g}_seed{seed}")
+    kinds = ("toy2d", "samples") if is_2d else ("grid", "reverse", "samples")
+    ext = {"grid": "png", "toy2d": "png", "reverse": "gif", "samples": "npz"}
+    paths = {k: f"{stem}_{k}.{ext[k]}" for k in kinds}
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
+    _check_writable(out)
+
+    key = jax.random.PRNGKey(seed)
+    timing: dict = {}
+    kw = dict(w=w, method=method, steps=steps, eta=eta)
+    result = generate(
+        config,
+        model,
+        params,
+        data_shape,
+        labels,
+        key,
+        num_snapshots=0 if is_2d else min(frames, steps + 1),
+        timing=timing,
+        **kw,
+    )
+    log(
+        f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
+        f"{len(labels)} samples, {method} {steps} steps, w={w:g}: "
+        f"compile {timing['compile_s']:.1f} s, sampling {timing['sample_s']:.2f} s"
+    )
+    samples = np.asarray(result.samples)
+    if is_2d:
+        full = np.asarray(
+            generate(
+                config, model, params, data_shape, labels, key, w=w, method="ddpm", steps=T
+            ).samples
+        )
+        real = data.load_dataset(config).test_x[: len(labels)]
+        images.save_toy2d_plot(
+            real,
+            {f"ancestral, {T} steps": full, f"{method}, {steps} steps": samples},
+            paths["toy2d"],
+        )
+    else:
+        images.save_grid(samples, labels, paths["grid"], null_label=config.null_label)
+        per_row = max(int(np.sum(labels == c)) for c in set(labels.tolist()))
+        order = np.argsort(labels, kind="stable")
+        images.save_gif(np.asarray(result.snapshots)[:, order], paths["reverse"], per_row=per_row)
+    images.save_npz(
+        paths["samples"],
+        samples,
+        labels,
+        w=w,
+        sampler=method,
+        steps=steps,
+        eta=eta,
+        seed=seed,
+        step=step,
+    )
+    for path in paths.values():
+        log(f"wrote {path}")
+    return paths

@@ -1,0 +1,132 @@
+"""Pictures of samples: labelled grids (PNG), animations of the reverse chain (GIF), 2-D scatter
+plots, and the ``.npz`` files that evaluation reads. Inputs are in the model range [-1, 1]."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from diffusion_jax.data import to_unit_range
+
+
+def to_uint8(x) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255], same shape."""
+    return np.round(to_unit_range(x) * 255.0).astype(np.uint8)
+
+
+def tile(images: np.ndarray, per_row: int, pad: int = 1) -> np.ndarray:
+    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, per_row*(W+pad)+pad, C) mosaic."""
+    n, h, w, c = images.shape
+    rows = -(-n // per_row)
+    out = np.full((rows * (h + pad) + pad, per_row * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, per_row)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        out[y : y + h, x : x + w] = images[i]
+    return out
+
+
+def _rows_by_label(samples, labels):
+    """Indices putting each class in a row of its own (-1 = blank cell), the row labels, and the
+    row length."""
+    labels = np.asarray(labels)
+    classes = sorted(set(labels.tolist()))
+    per_row = max(int(np.sum(labels == c)) for c in classes)
+    order, row_labels = [], []
+    for c in classes:
+        idx = list(np.flatnonzero(labels == c))
+        order.append(idx + [-1] * (per_row - len(idx)))  # -1: blank cell
+        row_labels.append(c)
+    return np.asarray(order).reshape(-1), row_labels, per_row
+
+
+def save_grid(samples, labels, path: str, null_label: int = 10, scale: int = 2) -> None:
+    """A PNG of image samples (N, H, W, C) with one row per class, labelled on the left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imgs = to_uint8(samples)
+    order, row_labels, per_row = _rows_by_label(samples, labels)
+    blank = np.full((1,) + imgs.shape[1:], 255, np.uint8)
+    cells = np.concatenate([imgs, blank])[order]  # index -1 picks the blank
+    mosaic = tile(cells, per_row)
+    h = imgs.shape[1] + 1
+    fig_w = mosaic.shape[1] * scale / 100 + 0.5
+    fig, ax = plt.subplots(figsize=(fig_w, mosaic.shape[0] * scale / 100 + 0.1), dpi=100)
+    ax.imshow(
+        mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic,
+        cmap="gray",
+        vmin=0,
+        vmax=255,
+        interpolation="nearest",
+    )
+    ax.set_yticks([1 + h * i + h / 2 for i in range(len(row_labels))])
+    ax.set_yticklabels(["uncond" if c == null_label else str(c) for c in row_labels], fontsize=7)
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.subplots_adjust(left=0.5 / fig_w, right=1, top=1, bottom=0)
+    _ensure_parent(path)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_gif(
+    snapshots, path: str, per_row: int, scale: int = 2, frame_ms: int = 80, hold_last_ms: int = 1500
+) -> None:
+    """An animated GIF of the reverse chain: snapshots (S, N, H, W, C), one mosaic per frame."""
+    from PIL import Image
+
+    frames = []
+    for snap in np.asarray(snapshots):
+        mosaic = tile(to_uint8(snap), per_row)
+        img = Image.fromarray(mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic)
+        frames.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
+    durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
+    _ensure_parent(path)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+
+
+def save_npz(path: str, samples, labels, **metadata) -> None:
+    """Samples as uint8 images (N, H, W, C) in [0, 255] (or float32 points for 2-D data), their
+    int labels, and scalar metadata (guidance, sampler, steps, seed...)."""
+    samples = np.asarray(samples)
+    payload = to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
+    _ensure_parent(path)
+    np.savez_compressed(
+        path,
+        samples=payload,
+        labels=np.asarray(labels, np.int32),
+        **{k: np.asarray(v) for k, v in metadata.items()},
+    )
+
+
+def save_toy2d_plot(real, panels: dict[str, np.ndarray], path: str) -> None:
+    """Scatter plots of 2-D samples next to the real data: one panel per entry of ``panels``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3.2 * (len(panels) + 1), 3.3))
+    for ax, (title, pts) in zip(axes, [("data", real), *panels.items()], strict=True):
+        pts = np.asarray(pts)
+        ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-1.1, 1.1)
+        ax.set_ylim(-1.1, 1.1)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    _ensure_parent(path)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _ensure_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)

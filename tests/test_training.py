@@ -1,0 +1,172 @@
+"""End to end on the CPU with the tiny preset: train, checkpoint, resume bitwise, sample to files,
+and the failure paths (corrupt or foreign checkpoints, conflicts, NaN data, bad outputs)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import sample as sample_script
+import train as train_script
+from diffusion_jax import checkpoints, data, generation, training
+from diffusion_jax.config import get_config
+
+TINY = dict(preset="tiny", progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    return data.load_dataset(get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, tiny_data):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    result = training.train(workdir, dataset=tiny_data, **TINY)
+    return workdir, result
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_training_writes_checkpoints_and_metrics(straight_run):
+    workdir, result = straight_run
+    assert not result.interrupted and int(result.state.step) == 8
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) and r["images_per_sec"] > 0 for r in records)
+    # the EMA moved away from the initial parameters and differs from the raw parameters
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(leaves(result.state.ema_params), leaves(result.state.params), strict=True)
+    )
+
+
+def test_interrupted_and_resumed_run_is_bitwise_identical(straight_run, tmp_path, tiny_data):
+    _, straight = straight_run
+    workdir = str(tmp_path / "resumed")
+    first = training.train(workdir, dataset=tiny_data, stop_after=3, **TINY)  # mid-way: step 3
+    assert first.interrupted and int(first.state.step) == 3
+    resumed = training.train(workdir, dataset=tiny_data, **TINY)
+    assert int(resumed.state.step) == 8
+    for name in ("params", "ema_params", "opt_state"):
+        for a, b in zip(
+            leaves(getattr(straight.state, name)), leaves(getattr(resumed.state, name)), strict=True
+        ):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_finished_run_is_not_retrained(straight_run, tiny_data):
+    workdir, straight = straight_run
+    again = training.train(workdir, dataset=tiny_data, **TINY)
+    assert int(again.state.step) == 8
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
+
+
+def test_resume_refuses_a_conflicting_config(straight_run, tiny_data):
+    workdir, _ = straight_run
+    with pytest.raises(training.ConfigConflictError, match="lr"):
+        training.train(workdir, dataset=tiny_data, overrides={"lr": 0.5}, **TINY)
+
+
+def test_sample_script_writes_grid_gif_npz(straight_run, tmp_path, capsys):
+    workdir, _ = straight_run
+    out = str(tmp_path / "out")
+    args = ["--workdir", workdir, "--per_class", "2", "--out", out, "--frames", "4"]
+    assert sample_script.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "compile" in printed and "sampling" in printed and "device" in printed
+    files = sorted(os.listdir(out))
+    assert [f.split("_")[-1] for f in files] == ["grid.png", "reverse.gif", "samples.npz"]
+    npz = np.load(os.path.join(out, files[2]))
+    assert npz["samples"].shape == (20, 8, 8, 1) and npz["samples"].dtype == np.uint8
+    np.testing.assert_array_equal(npz["labels"], np.repeat(np.arange(10), 2))
+    from PIL import Image
+
+    assert Image.open(os.path.join(out, files[1])).n_frames == 4
+    # a second identical call refuses to overwrite, and leaves the files as they were
+    before = {f: os.path.getmtime(os.path.join(out, f)) for f in files}
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main(args)
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert before == {f: os.path.getmtime(os.path.join(out, f)) for f in files}
+
+
+def test_sampling_is_reproducible(straight_run):
+    workdir, _ = straight_run
+    config, model, params, shape, step = generation.load_for_sampling(workdir)
+    assert step == 8 and shape == (8, 8, 1)
+    labels = np.array([1, 2, 3])
+    a = generation.generate(config, model, params, shape, labels, jax.random.PRNGKey(0))
+    b = generation.generate(config, model, params, shape, labels, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(a.samples, b.samples)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--labels", "3,12"], "labels must be in [0, 10]"),
+        (["--steps", "0"], "--steps must be in [1, 20]"),
+        (["--steps", "21"], "--steps must be in [1, 20]"),
+    ],
+)
+def test_sample_script_bad_input(straight_run, tmp_path, capsys, extra, message):
+    workdir, _ = straight_run
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main(["--workdir", workdir, "--out", str(tmp_path)] + extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_unwritable_output(straight_run, tmp_path, capsys):
+    workdir, _ = straight_run
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit):
+        sample_script.main(["--workdir", workdir, "--out", str(blocker / "sub")])
+    assert "cannot write to output folder" in capsys.readouterr().err
+
+
+def test_missing_corrupt_and_foreign_checkpoints(straight_run, tmp_path, capsys):
+    with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
+        generation.load_for_sampling(str(tmp_path / "missing"))
+    foreign = tmp_path / "foreign"
+    (foreign / "checkpoints" / "5" / "meta").mkdir(parents=True)
+    (foreign / "checkpoints" / "5" / "_CHECKPOINT_METADATA").write_text("{}")
+    with pytest.raises(checkpoints.CheckpointError):
+        generation.load_for_sampling(str(foreign))
+    with pytest.raises(checkpoints.CheckpointError, match="holds no diffusion_jax checkpoints"):
+        generation.load_for_sampling(str(tmp_path))
+    # corrupt a copy of a real checkpoint: its EMA arrays are gone
+    import shutil
+
+    workdir, _ = straight_run
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    shutil.rmtree(broken / "checkpoints" / "8" / "ema")
+    with pytest.raises(checkpoints.CheckpointError, match="could not be read"):
+        generation.load_for_sampling(str(broken))
+    assert sample_script.main.__module__ == "sample"  # the script, not a copy of the library
+
+
+def test_train_script_refuses_foreign_folder(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--workdir", str(tmp_path), "--preset", "tiny", "--no_progress"])
+    assert exit_info.value.code == 2
+    assert "not a diffusion_jax workdir" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["thesis.tex"]
+
+
+def test_nan_data_stops_with_a_clear_error(tmp_path, tiny_data):
+    poisoned = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
+    with pytest.raises(training.TrainingDivergedError, match="non-finite for"):
+        training.train(
+            str(tmp_path), dataset=poisoned, overrides={"max_nonfinite_steps": 2}, **TINY
+        )
+    assert not os.path.exists(tmp_path / "checkpoints" / "4")  # nothing saved after the failure

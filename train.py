@@ -1,0 +1,51 @@
+"""Train (or resume) a guided diffusion model.
+
+    python train.py --workdir runs/mnist                     # the GPU default preset
+    python train.py --workdir runs/cpu --preset cpu          # a short CPU run on offline data
+    python train.py --workdir runs/cpu                       # resume it (config read from the run)
+    python train.py --workdir runs/x --preset mnist --lr 1e-4 --num_steps 50000
+
+Every config field is a flag (``--help`` lists them). Ctrl-C or SIGTERM writes a checkpoint first.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv=None) -> int:
+    from diffusion_jax import cli, training
+    from diffusion_jax import config as config_lib
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", required=True, help="folder of the run (created if missing)")
+    parser.add_argument(
+        "--allow_config_change",
+        action="store_true",
+        help="resume even though the requested config changes the training maths",
+    )
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    config_lib.add_config_flags(parser)
+    args = parser.parse_args(argv)
+    with cli.clean_errors("train.py"):
+        result = training.train(
+            args.workdir,
+            preset=args.preset,
+            overrides=config_lib.config_overrides(args),
+            allow_config_change=args.allow_config_change,
+            progress=not args.no_progress,
+        )
+        step = int(result.state.step)
+        if result.interrupted:
+            print(f"interrupted at step {step}; run the same command again to resume")
+            return 130
+        print(f"done: {step} steps, checkpoints in {os.path.join(args.workdir, 'checkpoints')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
