@@ -1,9 +1,16 @@
 """diffusion_jax: DDPM with classifier-free guidance in JAX/Flax.
 
-The folder listing is the architecture: ``schedules`` (noise schedules, respacing),
-``diffusion`` (forward process, posterior, parameterizations), ``losses`` (training objective and
-label dropout), ``samplers`` (jitted ``lax.scan`` reverse chains with guidance), ``embeddings``,
-``unet`` and ``mlp`` (networks), ``models`` (module -> denoiser callable).
+The folder listing is the architecture:
+
+* mathematics: ``schedules`` (noise schedules, respacing), ``diffusion`` (forward process,
+  posterior, parameterizations), ``losses`` (training objective, label dropout), ``samplers``
+  (jitted ``lax.scan`` reverse chains with guidance);
+* networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (config -> module -> denoiser);
+* running: ``config`` (presets, flags), ``data`` (data sets), ``training`` (Optax loop, EMA),
+  ``checkpoints`` (Orbax), ``generation`` (sampling a checkpoint), ``images`` (grids, GIFs),
+  ``cli`` (error reporting of the scripts);
+* measuring: ``classifier`` (the evaluation CNN), ``metrics`` (Frechet distance, Inception
+  Score), ``evaluation`` (floors, sweeps, tables, plots).
 """
 
 from diffusion_jax.diffusion import PREDICTIONS, q_posterior, q_sample, to_x0_eps

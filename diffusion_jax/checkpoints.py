@@ -135,6 +135,13 @@ def open_for_sampling(path: str):
     return (mngr, directory, step, *read_meta(mngr, directory, step))
 
 
+def read_config(path: str) -> tuple[config_lib.Config, tuple[int, ...]]:
+    """``(config, data_shape)`` of the checkpoint at ``path`` (see :func:`resolve`)."""
+    mngr, _, _, config, data_shape = open_for_sampling(path)
+    mngr.close()
+    return config, data_shape
+
+
 def restore_ema(mngr, directory: str, step: int, ema_target):
     """Only the EMA parameters of ``step`` (the optimizer state is not read)."""
     return _restore(mngr, directory, step, ema=ocp.args.StandardRestore(ema_target)).ema

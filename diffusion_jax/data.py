@@ -15,6 +15,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import socket
@@ -227,24 +228,35 @@ def resize_images(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_dataset(config) -> Dataset:
-    """The data set ``config.dataset`` (resized to ``config.image_size`` if that is > 0)."""
-    if config.dataset == "toy2d":
-        return load_toy2d()
-    if config.dataset == "mnist5k":
-        ds = load_mnist5k()
-    elif config.dataset == "idx":
-        ds = load_idx_folder(config.data_dir)
-    else:
-        ds = load_tfds(config.dataset, config.data_dir)
-    if config.image_size:
-        ds = ds._replace(
-            train_x=resize_images(ds.train_x, config.image_size),
-            test_x=resize_images(ds.test_x, config.image_size),
-        )
+    """The data set ``config.dataset`` (resized to ``config.image_size`` if that is > 0).
+
+    Read once per process and source: the arrays are shared and read-only.
+    """
+    ds = _load_cached(config.dataset, config.data_dir, config.image_size)
     if ds.num_classes > config.num_classes:
         raise DataUnavailableError(
             f"{ds.name} has {ds.num_classes} classes; the model is built for {config.num_classes}"
         )
+    return ds
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(dataset: str, data_dir: str, image_size: int) -> Dataset:
+    if dataset == "toy2d":
+        ds = load_toy2d()
+    elif dataset == "mnist5k":
+        ds = load_mnist5k()
+    elif dataset == "idx":
+        ds = load_idx_folder(data_dir)
+    else:
+        ds = load_tfds(dataset, data_dir)
+    if image_size and dataset != "toy2d":
+        ds = ds._replace(
+            train_x=resize_images(ds.train_x, image_size),
+            test_x=resize_images(ds.test_x, image_size),
+        )
+    for array in ds[1:5]:
+        array.flags.writeable = False
     return ds
 
 

@@ -68,7 +68,8 @@ def load_for_sampling(path: str):
     return config, model, params, data_shape, step
 
 
-def _check_writable(folder: str) -> None:
+def check_writable(folder: str) -> None:
+    """Create ``folder`` if needed; PermissionError with the reason if it cannot be written."""
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder):
@@ -129,7 +130,7 @@ def sample_to_files(
     existing = [p for p in paths.values() if os.path.exists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
-    _check_writable(out)
+    check_writable(out)
 
     key = jax.random.PRNGKey(seed)
     timing: dict = {}

@@ -8,11 +8,13 @@ resumed therefore computes exactly what an uninterrupted run computes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
 import signal
+import socket
 import time
 from typing import Any, NamedTuple
 
@@ -189,7 +191,7 @@ def resolve_config(saved, preset, overrides, allow_config_change=False) -> confi
 def _check_workdir(workdir: str) -> None:
     """Refuse to write into an existing folder that is not a workdir of ours."""
     if os.path.isdir(workdir) and os.listdir(workdir):
-        ours = {checkpoints.SUBDIR, "metrics.jsonl", "samples", "config.json"}
+        ours = {checkpoints.SUBDIR, "metrics.jsonl", "samples", "config.json", LOCK_NAME}
         if not set(os.listdir(workdir)) & ours:
             raise checkpoints.CheckpointError(
                 f"{workdir!r} exists and is not a diffusion_jax workdir; choose a new or empty "
@@ -197,6 +199,53 @@ def _check_workdir(workdir: str) -> None:
             )
     elif os.path.exists(workdir) and not os.path.isdir(workdir):
         raise checkpoints.CheckpointError(f"--workdir {workdir!r} is a file, not a folder")
+
+
+LOCK_NAME = ".train.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold ``workdir/.train.lock`` while training, so two runs never write one workdir.
+
+    A lock left by a process that no longer exists (on this host) is taken over.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_NAME)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = open(path).read().split()
+            except (OSError, ValueError):
+                host, pid = "", "0"
+            if host == socket.gethostname() and not _alive(int(pid)):
+                os.remove(path)  # stale: its process is gone
+                continue
+            raise checkpoints.CheckpointError(
+                f"another training process ({host} pid {pid}) is writing to {workdir!r}; wait "
+                f"for it to finish or stop it (if it is gone, delete {path})"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
 
 
 class _StopFlag:
@@ -270,6 +319,13 @@ def train(
     """
     workdir = os.path.abspath(workdir)
     _check_workdir(workdir)
+    with workdir_lock(workdir):
+        return _train(
+            workdir, preset, overrides, allow_config_change, dataset, stop_after, progress, log
+        )
+
+
+def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after, progress, log):
     ckpt_dir = os.path.join(workdir, checkpoints.SUBDIR)
     saved, saved_step, mngr = None, None, None
     if os.path.isdir(ckpt_dir):

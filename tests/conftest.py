@@ -14,3 +14,27 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ).strip()
 sys.path.insert(0, os.path.dirname(__file__))  # the helpers in tests/ (exact.py, ...)
+
+
+import pytest  # noqa: E402  (after the platform is forced)
+
+TINY = dict(preset="tiny", progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """mnist5k at 8x8, as the tiny preset loads it."""
+    from diffusion_jax import data
+    from diffusion_jax.config import get_config
+
+    return data.load_dataset(get_config("tiny"))
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tiny_data):
+    """A finished 8-step run of the tiny preset: (workdir, TrainResult). Shared by modules so
+    the train step compiles once per session."""
+    from diffusion_jax import training
+
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    return workdir, training.train(workdir, dataset=tiny_data, **TINY)

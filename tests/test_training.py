@@ -7,25 +7,11 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import TINY
 
 import sample as sample_script
 import train as train_script
-from diffusion_jax import checkpoints, data, generation, training
-from diffusion_jax.config import get_config
-
-TINY = dict(preset="tiny", progress=False, log=lambda *a: None)
-
-
-@pytest.fixture(scope="module")
-def tiny_data():
-    return data.load_dataset(get_config("tiny"))
-
-
-@pytest.fixture(scope="module")
-def straight_run(tmp_path_factory, tiny_data):
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    result = training.train(workdir, dataset=tiny_data, **TINY)
-    return workdir, result
+from diffusion_jax import checkpoints, generation, training
 
 
 def leaves(tree):
@@ -170,3 +156,42 @@ def test_nan_data_stops_with_a_clear_error(tmp_path, tiny_data):
             str(tmp_path), dataset=poisoned, overrides={"max_nonfinite_steps": 2}, **TINY
         )
     assert not os.path.exists(tmp_path / "checkpoints" / "4")  # nothing saved after the failure
+
+
+def test_toy2d_run_and_scatter_plot(tmp_path):
+    workdir = str(tmp_path / "toy")
+    overrides = dict(
+        num_steps=4,
+        steps_per_dispatch=2,
+        log_every=2,
+        checkpoint_every=4,
+        mlp_hidden=16,
+        mlp_layers=1,
+        num_timesteps=20,
+        sample_steps=5,
+    )
+    result = training.train(
+        workdir, preset="toy2d", overrides=overrides, progress=False, log=lambda *a: None
+    )
+    assert int(result.state.step) == 4
+    paths = generation.sample_to_files(workdir, per_class=20, steps=5, log=lambda *a: None)
+    assert sorted(paths) == ["samples", "toy2d"]
+    npz = np.load(paths["samples"])
+    assert npz["samples"].shape == (100, 2) and npz["samples"].dtype == np.float32
+    assert os.path.getsize(paths["toy2d"]) > 1000
+
+
+def test_a_workdir_in_use_is_refused(tmp_path, tiny_data):
+    workdir = str(tmp_path / "busy")
+    with training.workdir_lock(workdir):
+        with pytest.raises(checkpoints.CheckpointError, match="another training process"):
+            training.train(workdir, dataset=tiny_data, **TINY)
+    assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+    # a lock whose process is gone is taken over
+    with open(os.path.join(workdir, training.LOCK_NAME), "w") as f:
+        import socket
+
+        f.write(f"{socket.gethostname()} 999999999")
+    with training.workdir_lock(workdir):
+        pass
+    assert not os.path.exists(os.path.join(workdir, training.LOCK_NAME))

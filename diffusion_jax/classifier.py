@@ -1,0 +1,188 @@
+"""The digit classifier that sample quality is measured with (no pretrained Inception here).
+
+A small Flax CNN trained on the training split of the data set in use, cached as an Orbax
+checkpoint together with a fingerprint of that data set and its test accuracy. Its penultimate
+layer gives the features of the Frechet distance; its softmax the Inception Score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from diffusion_jax import checkpoints
+
+KIND = "diffusion_jax-classifier"
+
+
+class CNN(nn.Module):
+    """x (B, H, W, C) in [-1, 1] -> (logits (B, num_classes), features (B, feature_dim))."""
+
+    num_classes: int = 10
+    feature_dim: int = 64
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for width in (32, 64):
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.Dropout(0.25, deterministic=not train)(x.reshape(x.shape[0], -1))
+        features = nn.relu(nn.Dense(self.feature_dim)(x))
+        logits = nn.Dense(self.num_classes)(nn.Dropout(0.25, deterministic=not train)(features))
+        return logits, features
+
+
+class TrainedClassifier(NamedTuple):
+    model: CNN
+    params: dict
+    test_accuracy: float
+    fingerprint: str
+
+
+def fingerprint(dataset) -> str:
+    """A short hash identifying a data set's content (labels, shapes, a slice of pixels)."""
+    h = hashlib.sha256()
+    for arr in (dataset.train_y, dataset.test_y, dataset.train_x[:64], dataset.test_x[:64]):
+        a = np.ascontiguousarray(arr)
+        h.update(str(a.shape).encode())
+        h.update(np.round(a.astype(np.float64), 4).tobytes())
+    return h.hexdigest()[:16]
+
+
+def predict(clf: TrainedClassifier, images, batch_size: int = 1000):
+    """(probabilities (N, C), features (N, D)) as float64 numpy, images (N, H, W, C) in [-1, 1]."""
+    apply = _apply_fn(clf.model)
+    probs, feats = [], []
+    for i in range(0, len(images), batch_size):
+        logits, f = apply(clf.params, jnp.asarray(images[i : i + batch_size], jnp.float32))
+        probs.append(np.asarray(jax.nn.softmax(logits), np.float64))
+        feats.append(np.asarray(f, np.float64))
+    return np.concatenate(probs), np.concatenate(feats)
+
+
+_APPLY_CACHE: dict = {}
+
+
+def _apply_fn(model: CNN):
+    if model not in _APPLY_CACHE:
+        _APPLY_CACHE[model] = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    return _APPLY_CACHE[model]
+
+
+def accuracy(clf: TrainedClassifier, images, labels) -> float:
+    probs, _ = predict(clf, images)
+    return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
+
+
+def train_classifier(
+    dataset,
+    *,
+    epochs: int = 8,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    feature_dim: int = 64,
+    log=print,
+) -> TrainedClassifier:
+    """Train the CNN on ``dataset.train_*`` (images in [-1, 1]); accuracy on ``test_*``."""
+    model = CNN(num_classes=dataset.num_classes, feature_dim=feature_dim)
+    key = jax.random.PRNGKey(seed)
+    x0 = jnp.zeros((1, *dataset.train_x.shape[1:]), jnp.float32)
+    params = jax.jit(model.init)(key, x0)["params"]
+    steps_per_epoch = max(len(dataset.train_x) // batch_size, 1)
+    schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
+    opt = optax.adam(schedule)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state, x, y, key):
+        def loss_fn(p):
+            logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    train_x = jnp.asarray(dataset.train_x, jnp.float32)
+    train_y = jnp.asarray(dataset.train_y, jnp.int32)
+    for epoch in range(epochs):
+        perm = jax.random.permutation(jax.random.fold_in(key, epoch), len(train_x))
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size : (i + 1) * batch_size]
+            k = jax.random.fold_in(key, epoch * steps_per_epoch + i + 1_000_000)
+            params, opt_state, loss = step(params, opt_state, train_x[idx], train_y[idx], k)
+        log(f"classifier epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}")
+    clf = TrainedClassifier(model, params, 0.0, fingerprint(dataset))
+    return clf._replace(test_accuracy=accuracy(clf, dataset.test_x, dataset.test_y))
+
+
+def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> None:
+    meta = {
+        "kind": KIND,
+        "dataset": dataset_name,
+        "fingerprint": clf.fingerprint,
+        "test_accuracy": clf.test_accuracy,
+        "num_classes": clf.model.num_classes,
+        "feature_dim": clf.model.feature_dim,
+    }
+    with checkpoints.manager(directory, max_to_keep=1) as mngr:
+        mngr.save(
+            0,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(clf.params), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        mngr.wait_until_finished()
+
+
+def load(directory: str, dataset) -> TrainedClassifier:
+    """The classifier cached in ``directory``; CheckpointError if it is for other data."""
+    with checkpoints.manager(directory, max_to_keep=1) as mngr:
+        if mngr.latest_step() is None:
+            raise checkpoints.CheckpointError(f"no classifier checkpoint in {directory!r}")
+        meta = mngr.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if not isinstance(meta, dict) or meta.get("kind") != KIND:
+            raise checkpoints.CheckpointError(f"{directory!r} does not hold a classifier of ours")
+        if meta["fingerprint"] != fingerprint(dataset):
+            raise checkpoints.CheckpointError(
+                f"the classifier in {directory!r} was trained on {meta['dataset']!r} (fingerprint "
+                f"{meta['fingerprint']}), not on this {dataset.name!r} data "
+                f"({fingerprint(dataset)}); use another --classifier_dir or delete it to retrain"
+            )
+        model = CNN(num_classes=meta["num_classes"], feature_dim=meta["feature_dim"])
+        x0 = jax.ShapeDtypeStruct((1, *dataset.train_x.shape[1:]), jnp.float32)
+        target = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)["params"]
+        params = mngr.restore(
+            0, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+        ).params
+    return TrainedClassifier(model, params, float(meta["test_accuracy"]), meta["fingerprint"])
+
+
+def default_dir(dataset) -> str:
+    cache = os.environ.get("DIFFUSION_JAX_CACHE", os.path.expanduser("~/.cache/diffusion_jax"))
+    shape = "x".join(str(d) for d in dataset.train_x.shape[1:])
+    return os.path.join(cache, "classifiers", f"{dataset.name}-{shape}-{fingerprint(dataset)}")
+
+
+def get_classifier(dataset, directory: str | None = None, log=print, **train_kw):
+    """The cached classifier for ``dataset`` (trained and cached on first use)."""
+    directory = directory or default_dir(dataset)
+    if os.path.isdir(directory) and os.listdir(directory):
+        clf = load(directory, dataset)
+        log(f"classifier from {directory}: test accuracy {clf.test_accuracy:.4f}")
+        return clf
+    clf = train_classifier(dataset, log=log, **train_kw)
+    save(clf, directory, dataset.name)
+    log(f"classifier trained and saved to {directory}: test accuracy {clf.test_accuracy:.4f}")
+    return clf

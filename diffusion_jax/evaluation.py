@@ -1,0 +1,331 @@
+"""Evaluation protocol: metrics of generated samples next to real-data floors, and sweeps.
+
+For a set of generated images with the labels they were asked for, :func:`evaluate_images`
+reports the Frechet distance in the classifier's features against the real test images, the
+conditional accuracy, per-class counts and the classifier Inception Score. Each comes with its
+reference on real data, computed with the same classifier and the same sample count: the
+distance between real training and real test images (the floor) and the score of real test
+images. :func:`sweep` runs that over guidance weights and samplers/step counts and writes a
+markdown table, JSON and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from diffusion_jax import classifier as classifier_lib
+from diffusion_jax import data, generation, metrics
+
+
+class SamplerSpec(NamedTuple):
+    method: str
+    steps: int
+
+    def __str__(self):
+        return f"{self.method}:{self.steps}"
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(
+            f"{name} takes comma-separated numbers, e.g. 0,0.5,1; got {text!r}"
+        ) from None
+    if not values:
+        raise ValueError(f"{name} is empty")
+    return values
+
+
+def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
+    """'ddpm:1000,ddim:50' -> specs; 'ddpm' alone means all T steps."""
+    specs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        method, _, steps = part.partition(":")
+        if method not in ("ddpm", "ddim"):
+            raise ValueError(f"--samplers: unknown sampler {method!r} in {part!r} (ddpm or ddim)")
+        try:
+            k = int(steps) if steps else num_timesteps
+        except ValueError:
+            raise ValueError(f"--samplers: {part!r} is not SAMPLER:STEPS") from None
+        if not 1 <= k <= num_timesteps:
+            raise ValueError(f"--samplers: steps must be in [1, {num_timesteps}], got {part!r}")
+        specs.append(SamplerSpec(method, k))
+    if not specs:
+        raise ValueError("--samplers is empty")
+    return specs
+
+
+def check_images(images, expected_shape) -> np.ndarray:
+    """Generated images -> float32 in [-1, 1]. Accepts uint8 [0, 255] or floats in [0, 1]."""
+    images = np.asarray(images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(expected_shape):
+        raise ValueError(
+            f"samples have shape {images.shape}; the data set's images are (N, "
+            f"{', '.join(map(str, expected_shape))})"
+        )
+    if images.dtype == np.uint8:
+        return data.to_model_range(images)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(
+            f"samples must be uint8 in [0, 255] or floats in [0, 1], got {images.dtype}"
+        )
+    if images.min() < 0 or images.max() > 1:
+        raise ValueError(
+            f"float samples must lie in [0, 1] (as sample.py writes them), got values in "
+            f"[{images.min():.3g}, {images.max():.3g}]"
+        )
+    return (images * 2.0 - 1.0).astype(np.float32)
+
+
+class Reference:
+    """Real-data statistics for a classifier and data set, computed once per sample count."""
+
+    def __init__(self, clf, dataset, seed: int = 0):
+        self.clf, self.dataset = clf, dataset
+        self.test_probs, self.test_feats = classifier_lib.predict(clf, dataset.test_x)
+        self.train_probs, self.train_feats = classifier_lib.predict(clf, dataset.train_x)
+        self._rng = np.random.default_rng(seed)
+        self._cache: dict[int, dict] = {}
+
+    def floors(self, n: int) -> dict:
+        """Real train vs real test with n samples each (test capped at its size)."""
+        if n not in self._cache:
+            n_test = min(n, len(self.test_feats))
+            rng = np.random.default_rng(n)  # the same subsets for the same n
+            tr = rng.choice(len(self.train_feats), min(n, len(self.train_feats)), replace=False)
+            te = rng.choice(len(self.test_feats), n_test, replace=False)
+            self._cache[n] = {
+                "floor_fd": metrics.frechet_distance_of_features(
+                    self.train_feats[tr], self.test_feats[te]
+                ),
+                "real_is": metrics.inception_score(self.test_probs[te]),
+                "real_accuracy": metrics.conditional_accuracy(
+                    self.test_probs[te], self.dataset.test_y[te]
+                ),
+                "floor_n": int(n_test),
+                "test_index": te,
+            }
+        return self._cache[n]
+
+
+def evaluate_images(reference: Reference, images, labels) -> dict:
+    """Metrics of generated images (N, H, W, C) in [-1, 1] asked to be ``labels`` (N,)."""
+    labels = np.asarray(labels)
+    probs, feats = classifier_lib.predict(reference.clf, images)
+    n = len(images)
+    floors = dict(reference.floors(n))
+    test_index = floors.pop("test_index")
+    row = {
+        "n": n,
+        "fd": metrics.frechet_distance_of_features(feats, reference.test_feats[test_index]),
+        "accuracy": metrics.conditional_accuracy(probs, labels),
+        "is": metrics.inception_score(probs),
+        "class_counts": metrics.class_counts(probs, reference.dataset.num_classes),
+    }
+    # The floor compares real train to real test with the same count as the samples (capped at
+    # the test set), and the samples' distance is to that same test subset.
+    row.update(floors)
+    return row
+
+
+def sweep(
+    workdir: str,
+    *,
+    ws: list[float],
+    sampler_specs: list[SamplerSpec],
+    guidance_spec: SamplerSpec,
+    steps_w: float,
+    per_class: int,
+    seed: int,
+    out: str,
+    classifier_dir: str | None = None,
+    batch_size: int = 1000,
+    overwrite: bool = False,
+    progress: bool = True,
+    log=print,
+) -> list[dict]:
+    """Guidance sweep (``ws`` with ``guidance_spec``) and step sweep (``sampler_specs`` at
+    ``steps_w``) of the checkpoint in ``workdir``; writes ``out``/results.{md,json} and plots."""
+    config, model, params, data_shape, step = generation.load_for_sampling(workdir)
+    if len(data_shape) != 3:
+        raise ValueError("evaluation applies to image data sets, not toy2d")
+    outputs = {
+        k: os.path.join(out, f)
+        for k, f in [
+            ("md", "results.md"),
+            ("json", "results.json"),
+            ("tradeoff", "fd_vs_is.png"),
+            ("accuracy", "accuracy_vs_w.png"),
+            ("steps", "fd_vs_steps.png"),
+        ]
+    }
+    existing = [p for p in outputs.values() if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
+    generation.check_writable(out)
+    dataset = data.load_dataset(config)
+    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log)
+    reference = Reference(clf, dataset, seed)
+    labels = np.repeat(np.arange(config.num_classes), per_class)
+    runs = [(guidance_spec, w) for w in ws] + [(s, steps_w) for s in sampler_specs]
+    runs = list(dict.fromkeys(runs))
+    bar = _bar(len(runs), progress)
+    rows = []
+    for spec, w in runs:
+        chunks = []
+        for i in range(0, len(labels), batch_size):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
+            result = generation.generate(
+                config,
+                model,
+                params,
+                data_shape,
+                labels[i : i + batch_size],
+                key,
+                w=w,
+                method=spec.method,
+                steps=spec.steps,
+            )
+            chunks.append(np.asarray(result.samples))
+        row = {
+            "sampler": spec.method,
+            "steps": spec.steps,
+            "w": w,
+            **evaluate_images(reference, np.concatenate(chunks), labels),
+        }
+        rows.append(row)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(fd=f"{row['fd']:.2f}", acc=f"{row['accuracy']:.3f}")
+    if bar is not None:
+        bar.close()
+    header = {
+        "workdir": os.path.abspath(workdir),
+        "checkpoint_step": step,
+        "dataset": dataset.name,
+        "classifier_test_accuracy": clf.test_accuracy,
+        "per_class": per_class,
+        "seed": seed,
+        "device": jax.devices()[0].device_kind,
+    }
+    with open(outputs["json"], "w") as f:
+        json.dump({**header, "rows": rows}, f, indent=1)
+    with open(outputs["md"], "w") as f:
+        f.write(markdown_table(rows, header))
+    plot_sweep(rows, guidance_spec, steps_w, outputs)
+    for path in outputs.values():
+        log(f"wrote {path}")
+    return rows
+
+
+def markdown_table(rows: list[dict], header: dict) -> str:
+    lines = [
+        f"Checkpoint `{header['workdir']}` step {header['checkpoint_step']}, data "
+        f"`{header['dataset']}`, {header['per_class']} samples per class, seed {header['seed']}, "
+        f"device {header['device']}. "
+        f"Classifier test accuracy {header['classifier_test_accuracy']:.4f}.",
+        "",
+        "FD: Frechet distance in the classifier's features to the real test set; floor: the same "
+        "between real training and real test images with the same count (capped at the test set).",
+        "",
+        "| sampler | steps | w | n | FD | FD floor | accuracy | IS | IS real test |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {r['n']} | {r['fd']:.3f} | "
+            f"{r['floor_fd']:.3f} | {r['accuracy']:.4f} | {r['is']:.3f} | {r['real_is']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = [r for r in rows if (r["sampler"], r["steps"]) == tuple(guidance_spec)]
+    g.sort(key=lambda r: r["w"])
+    fig, ax = plt.subplots(figsize=(4.2, 3.4))
+    ax.plot([r["is"] for r in g], [r["fd"] for r in g], "o-")
+    for r in g:
+        ax.annotate(
+            f"w={r['w']:g}",
+            (r["is"], r["fd"]),
+            fontsize=8,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    if g:
+        ax.axhline(g[0]["floor_fd"], ls="--", c="gray", lw=1, label="real train vs test")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("classifier Inception Score")
+    ax.set_ylabel("Frechet classifier distance")
+    ax.set_title(f"guidance trade-off ({guidance_spec})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(outputs["tradeoff"], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.4))
+    ax.plot([r["w"] for r in g], [r["accuracy"] for r in g], "o-")
+    ax.set_xlabel("guidance w")
+    ax.set_ylabel("conditional accuracy")
+    ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    fig.savefig(outputs["accuracy"], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.4))
+    for method in ("ddpm", "ddim"):
+        s = sorted(
+            (r for r in rows if r["sampler"] == method and r["w"] == steps_w),
+            key=lambda r: r["steps"],
+        )
+        if s:
+            ax.plot([r["steps"] for r in s], [r["fd"] for r in s], "o-", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("Frechet classifier distance")
+    ax.set_title(f"w = {steps_w:g}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(outputs["steps"], dpi=90)
+    plt.close(fig)
+
+
+def evaluate_npz(path: str, config, *, classifier_dir: str | None = None, log=print) -> dict:
+    """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
+    try:
+        npz = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path!r} as an .npz: {e}") from e
+    for key in ("samples", "labels"):
+        if key not in npz.files:
+            raise ValueError(
+                f"{path!r} has no {key!r} array (has {npz.files}); write it with "
+                "sample.py or np.savez(path, samples=..., labels=...)"
+            )
+    dataset = data.load_dataset(config)
+    images = check_images(npz["samples"], dataset.train_x.shape[1:])
+    labels = np.asarray(npz["labels"])
+    if labels.shape != (len(images),):
+        raise ValueError(f"{path!r}: {len(images)} samples but labels of shape {labels.shape}")
+    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log)
+    return evaluate_images(Reference(clf, dataset), images, labels)
+
+
+def _bar(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="run", dynamic_ncols=True)
