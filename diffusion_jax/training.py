@@ -52,12 +52,16 @@ class TrainResult(NamedTuple):
 
 
 def learning_rate(config) -> optax.Schedule:
-    """Linear warm-up to ``config.lr``, then cosine decay to lr / 10 at ``num_steps``."""
+    """Linear warm-up to ``config.lr``, then cosine decay to lr / 10 at ``num_steps``.
+
+    The warm-up is shortened to leave at least one decay step in runs shorter than it.
+    """
+    warmup = min(config.warmup_steps, config.num_steps - 1)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.lr,
-        warmup_steps=min(config.warmup_steps, config.num_steps),
-        decay_steps=max(config.num_steps, 1),
+        warmup_steps=warmup,
+        decay_steps=max(config.num_steps, warmup + 1),
         end_value=config.lr / 10,
     )
 
@@ -373,10 +377,6 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
     train_y = jax.device_put(dataset.train_y.astype(np.int32), device)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_lib.to_dict(config), f, indent=1)
-    log(
-        f"training {config.model} on {dataset.name} ({len(dataset.train_x)} examples) on "
-        f"{jax.devices()[0].platform}, {start} -> {config.num_steps} steps"
-    )
 
     events = [config.log_every, config.checkpoint_every, config.sample_every]
     end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
@@ -386,6 +386,11 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
     step, interrupted = start, False
     pending_losses, last_log_step, last_log_time = [], start, time.perf_counter()
     with _StopFlag() as stop:
+        # (logged once signals are caught, so a Ctrl-C from here on writes a checkpoint)
+        log(
+            f"training {config.model} on {dataset.name} ({len(dataset.train_x)} examples) on "
+            f"{jax.devices()[0].platform}, {start} -> {config.num_steps} steps"
+        )
         while step < end:
             # Chunks end on every logging/checkpoint/sample boundary, so those happen exactly.
             n = min(config.steps_per_dispatch, end - step, *[e - step % e for e in events if e])

@@ -195,3 +195,19 @@ def test_a_workdir_in_use_is_refused(tmp_path, tiny_data):
     with training.workdir_lock(workdir):
         pass
     assert not os.path.exists(os.path.join(workdir, training.LOCK_NAME))
+
+
+def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
+    """A real SIGINT, delivered once training has started, ends the run after the current
+    dispatch with a checkpoint that a later run resumes from."""
+    import signal
+
+    def log(message):
+        if message.startswith("training"):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    workdir = str(tmp_path / "sigint")
+    result = training.train(workdir, dataset=tiny_data, preset="tiny", progress=False, log=log)
+    assert result.interrupted and int(result.state.step) == 2  # one dispatch of 2 steps
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
