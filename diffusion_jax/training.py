@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from diffusion_jax import checkpoints, data, losses, models
+from diffusion_jax import checkpoints, data, losses, models, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax.schedules import make_schedule
 
@@ -98,19 +98,19 @@ def init_state(config, model, optimizer, example_shape) -> TrainState:
     )
 
 
-def make_train_steps(config):
+def make_train_steps(config, mesh=None):
     """A jitted ``fn(state, train_x, train_y, num_steps) -> (state, loss_sum, grad_norm)``.
 
     Runs ``num_steps`` (a traced int: any count reuses the same program) optimizer steps on
     device-resident data inside one ``lax.fori_loop``; ``loss_sum`` is the sum of their losses.
     Cached per config (its mathematical fields), so a resumed run in the same process reuses
-    the compiled program.
+    the compiled program. With a ``mesh``, each batch is split over its devices.
     """
-    return _make_train_steps(config_lib.math_part(config))
+    return _make_train_steps(config_lib.math_part(config), mesh or sharding.data_mesh())
 
 
 @functools.lru_cache(maxsize=8)
-def _make_train_steps(config):
+def _make_train_steps(config, mesh):
     model, optimizer = models.build_model(config), make_optimizer(config)
     schedule = make_schedule(config.schedule, config.num_timesteps)
     denoise = models.denoiser(model, train=True)
@@ -121,6 +121,11 @@ def _make_train_steps(config):
         key = jax.random.fold_in(step_key, state.step)
         key_loss, key_dropout = jax.random.split(key)
         idx = data.batch_indices(data_key, state.step, train_x.shape[0], config.batch_size)
+        # The batch is split over the mesh; the (replicated) parameters' gradients are then
+        # all-reduced by XLA. The random draws do not depend on the split (partitionable
+        # threefry), so any device count computes the same losses up to summation order.
+        x0 = jax.lax.with_sharding_constraint(train_x[idx], sharding.batch_sharded(mesh))
+        y0 = jax.lax.with_sharding_constraint(train_y[idx], sharding.batch_sharded(mesh))
 
         def loss_fn(params):
             loss, _ = losses.diffusion_loss(
@@ -128,8 +133,8 @@ def _make_train_steps(config):
                 params,
                 schedule,
                 key_loss,
-                train_x[idx],
-                train_y[idx],
+                x0,
+                y0,
                 null_label=config.null_label,
                 prediction=config.prediction,
                 loss_type=config.loss_type,
@@ -368,13 +373,15 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
         mngr.close()
         return TrainResult(state, config, False)
 
-    train_steps = make_train_steps(config)
-    # Everything committed to one device: restored arrays are, and a fresh state must look the
-    # same to jit, or resuming in the same process would compile the train step again.
-    device = jax.devices()[0]
-    state = jax.device_put(state, device)
-    train_x = jax.device_put(dataset.train_x, device)
-    train_y = jax.device_put(dataset.train_y.astype(np.int32), device)
+    mesh = sharding.data_mesh()
+    sharding.check_batch_size(config.batch_size, mesh)
+    train_steps = make_train_steps(config, mesh)
+    # State and data replicated on every device of the mesh (each step then takes its batch
+    # shard). Fresh and restored states get the same placement, so resuming in the same process
+    # does not compile the train step again.
+    state = jax.device_put(state, sharding.replicated(mesh))
+    train_x = jax.device_put(dataset.train_x, sharding.replicated(mesh))
+    train_y = jax.device_put(dataset.train_y.astype(np.int32), sharding.replicated(mesh))
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config_lib.to_dict(config), f, indent=1)
 
