@@ -95,8 +95,10 @@ def read_idx(path: str) -> np.ndarray:
     return data.reshape(shape)
 
 
-def load_idx_folder(folder: str, name: str = "idx") -> Dataset:
-    """The four standard MNIST-format files in ``folder`` (each plain or .gz)."""
+def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
+    """The four standard MNIST-format files in ``folder`` (each plain or .gz). The data set is
+    named ``idx:<folder name>`` unless ``name`` is given."""
+    name = name or f"idx:{os.path.basename(os.path.normpath(folder))}"
     if not os.path.isdir(folder):
         raise DataUnavailableError(f"IDX folder {folder!r} does not exist")
     arrays = {}

@@ -387,81 +387,102 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
 
     events = [config.log_every, config.checkpoint_every, config.sample_every]
     end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
-    bar = _progress(config.num_steps, start, progress)
-    writer = _tensorboard(workdir)
     grid_fn = _sample_grid_fn(config, model, dataset) if config.sample_every else None
+    metrics = _MetricsLog(workdir, config, start, progress)
     step, interrupted = start, False
-    pending_losses, last_log_step, last_log_time = [], start, time.perf_counter()
-    with _StopFlag() as stop:
-        # (logged once signals are caught, so a Ctrl-C from here on writes a checkpoint)
-        log(
-            f"training {config.model} on {dataset.name} ({len(dataset.train_x)} examples) on "
-            f"{jax.devices()[0].platform}, {start} -> {config.num_steps} steps"
-        )
-        while step < end:
-            # Chunks end on every logging/checkpoint/sample boundary, so those happen exactly.
-            n = min(config.steps_per_dispatch, end - step, *[e - step % e for e in events if e])
-            state, loss_sum, grad_norm = train_steps(state, train_x, train_y, n)
-            step += n
-            pending_losses.append(loss_sum)
-            if bar is not None:
-                bar.update(n)
-            if step % config.log_every == 0 or step == end:
-                loss = float(sum(pending_losses)) / (step - last_log_step)
-                now = time.perf_counter()
-                rate = (step - last_log_step) / (now - last_log_time)
-                skipped = int(state.opt_state.notfinite_count)
-                record = {
-                    "step": step,
-                    "loss": loss,
-                    "grad_norm": float(grad_norm),
-                    "lr": float(learning_rate(config)(step)),
-                    "steps_per_sec": rate,
-                    "images_per_sec": rate * config.batch_size,
-                    "nonfinite_skipped": skipped,
-                    "time": time.time(),
-                }
-                with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if writer is not None:
-                    for k in ("loss", "grad_norm", "lr", "steps_per_sec"):
-                        writer.add_scalar(k, record[k], step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate * config.batch_size:.0f}")
-                if skipped >= config.max_nonfinite_steps:
-                    mngr.wait_until_finished()
-                    mngr.close()
-                    raise TrainingDivergedError(
-                        f"the loss was non-finite for {skipped} consecutive steps up to step "
-                        f"{step}; those updates were skipped and nothing was saved after the "
-                        f"last good checkpoint ({mngr.latest_step()}). Lower --lr, check the "
-                        "data for NaNs, or try --grad_clip with a smaller value."
+    try:
+        with _StopFlag() as stop:
+            # (logged once signals are caught, so a Ctrl-C from here on writes a checkpoint)
+            log(
+                f"training {config.model} on {dataset.name} ({len(dataset.train_x)} examples) "
+                f"on {jax.devices()[0].platform}, {start} -> {config.num_steps} steps"
+            )
+            while step < end:
+                # Chunks end on every logging/checkpoint/sample boundary, so those are exact.
+                n = min(config.steps_per_dispatch, end - step, *[e - step % e for e in events if e])
+                state, loss_sum, grad_norm = train_steps(state, train_x, train_y, n)
+                step += n
+                metrics.add(n, loss_sum)
+                if step % config.log_every == 0 or step == end:
+                    skipped = metrics.write(step, grad_norm, state.opt_state.notfinite_count)
+                    if skipped >= config.max_nonfinite_steps:
+                        raise TrainingDivergedError(
+                            f"the loss was non-finite for {skipped} consecutive steps up to step "
+                            f"{step}; those updates were skipped and nothing was saved after the "
+                            f"last good checkpoint ({mngr.latest_step()}). Lower --lr, check the "
+                            "data for NaNs, or try --grad_clip with a smaller value."
+                        )
+                if grid_fn is not None and step % config.sample_every == 0:
+                    grid_fn(
+                        state.ema_params, os.path.join(workdir, "samples", f"step_{step:07d}.png")
                     )
-                pending_losses, last_log_step, last_log_time = [], step, now
-            if grid_fn is not None and step % config.sample_every == 0:
-                grid_fn(state.ema_params, os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-            stopping = stop.signal is not None or (stop_after is not None and step >= end)
-            if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
-                checkpoints.save(
-                    mngr,
-                    step,
-                    {"step": state.step, "params": state.params, "opt_state": state.opt_state},
-                    state.ema_params,
-                    config,
-                    dataset.train_x.shape[1:],
-                )
-            if stop.signal is not None:
-                interrupted = True
-                log(f"\nstopped by signal {stop.signal} at step {step}; checkpoint written")
-                break
-    interrupted = interrupted or step < config.num_steps
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    return TrainResult(state, config, interrupted)
+                stopping = stop.signal is not None or (stop_after is not None and step >= end)
+                if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
+                    checkpoints.save(
+                        mngr,
+                        step,
+                        {"step": state.step, "params": state.params, "opt_state": state.opt_state},
+                        state.ema_params,
+                        config,
+                        dataset.train_x.shape[1:],
+                    )
+                if stop.signal is not None:
+                    interrupted = True
+                    log(f"\nstopped by signal {stop.signal} at step {step}; checkpoint written")
+                    break
+    finally:
+        metrics.close()
+        mngr.wait_until_finished()  # asynchronous saves are complete before we return
+        mngr.close()
+    return TrainResult(state, config, interrupted or step < config.num_steps)
+
+
+class _MetricsLog:
+    """metrics.jsonl (+ TensorBoard, + progress bar). Losses stay on the device until a write."""
+
+    def __init__(self, workdir: str, config, start: int, progress: bool):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.config = config
+        self.bar = _progress(config.num_steps, start, progress)
+        self.writer = _tensorboard(workdir)
+        self.pending, self.last_step, self.last_time = [], start, time.perf_counter()
+
+    def add(self, num_steps: int, loss_sum) -> None:
+        self.pending.append(loss_sum)
+        if self.bar is not None:
+            self.bar.update(num_steps)
+
+    def write(self, step: int, grad_norm, notfinite_count) -> int:
+        """Append one record; returns the count of consecutive skipped (non-finite) updates."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) / (now - self.last_time)
+        record = {
+            "step": step,
+            "loss": float(sum(self.pending)) / (step - self.last_step),
+            "grad_norm": float(grad_norm),
+            "lr": float(learning_rate(self.config)(step)),
+            "steps_per_sec": rate,
+            "images_per_sec": rate * self.config.batch_size,
+            "nonfinite_skipped": int(notfinite_count),
+            "time": time.time(),
+        }
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for k in ("loss", "grad_norm", "lr", "steps_per_sec"):
+                self.writer.add_scalar(k, record[k], step)
+        if self.bar is not None:
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}"
+            )
+        self.pending, self.last_step, self.last_time = [], step, now
+        return record["nonfinite_skipped"]
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def _sample_grid_fn(config, model, dataset):
