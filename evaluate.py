@@ -42,6 +42,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=1000, help="samples per sampler call")
     parser.add_argument("--classifier_dir", default=None, help="classifier cache folder")
+    parser.add_argument(
+        "--classifier_epochs",
+        type=int,
+        default=8,
+        help="epochs when the classifier is first trained (default 8)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
@@ -52,7 +58,12 @@ def main(argv=None) -> int:
     with cli.clean_errors("evaluate.py"):
         if args.npz:
             config, _ = checkpoints.read_config(args.workdir)
-            row = evaluation.evaluate_npz(args.npz, config, classifier_dir=args.classifier_dir)
+            row = evaluation.evaluate_npz(
+                args.npz,
+                config,
+                classifier_dir=args.classifier_dir,
+                classifier_epochs=args.classifier_epochs,
+            )
             print(json.dumps(row, indent=1))
             return 0
         if args.per_class < 1:
@@ -72,6 +83,7 @@ def main(argv=None) -> int:
             seed=args.seed,
             out=out,
             classifier_dir=args.classifier_dir,
+            classifier_epochs=args.classifier_epochs,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,

@@ -145,6 +145,7 @@ def sweep(
     seed: int,
     out: str,
     classifier_dir: str | None = None,
+    classifier_epochs: int = 8,
     batch_size: int = 1000,
     overwrite: bool = False,
     progress: bool = True,
@@ -170,7 +171,7 @@ def sweep(
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
     generation.check_writable(out)
     dataset = data.load_dataset(config)
-    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log)
+    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log, epochs=classifier_epochs)
     reference = Reference(clf, dataset, seed)
     labels = np.repeat(np.arange(config.num_classes), per_class)
     runs = [(guidance_spec, w) for w in ws] + [(s, steps_w) for s in sampler_specs]
@@ -300,7 +301,9 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     plt.close(fig)
 
 
-def evaluate_npz(path: str, config, *, classifier_dir: str | None = None, log=print) -> dict:
+def evaluate_npz(
+    path: str, config, *, classifier_dir: str | None = None, classifier_epochs: int = 8, log=print
+) -> dict:
     """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
     try:
         npz = np.load(path)
@@ -317,7 +320,7 @@ def evaluate_npz(path: str, config, *, classifier_dir: str | None = None, log=pr
     labels = np.asarray(npz["labels"])
     if labels.shape != (len(images),):
         raise ValueError(f"{path!r}: {len(images)} samples but labels of shape {labels.shape}")
-    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log)
+    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log, epochs=classifier_epochs)
     return evaluate_images(Reference(clf, dataset), images, labels)
 
 
