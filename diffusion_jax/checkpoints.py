@@ -64,6 +64,8 @@ def resolve(path: str) -> tuple[str, int | None]:
             f"no checkpoint at {path!r}: the path does not exist. Train one with "
             f"`python train.py --workdir {path}` or pass the workdir of an existing run."
         )
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a file; pass a training workdir or checkpoint folder")
     if os.path.isdir(os.path.join(path, SUBDIR)):
         return os.path.join(path, SUBDIR), None
     base = os.path.basename(path)

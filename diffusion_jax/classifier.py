@@ -149,7 +149,20 @@ def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> None:
 
 
 def load(directory: str, dataset) -> TrainedClassifier:
-    """The classifier cached in ``directory``; CheckpointError if it is for other data."""
+    """The classifier cached in ``directory``; CheckpointError if it is for other data or cannot
+    be read."""
+    try:
+        return _load(directory, dataset)
+    except checkpoints.CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax and metadata errors all mean "unreadable"
+        raise checkpoints.CheckpointError(
+            f"the classifier cache {directory!r} could not be read ({type(e).__name__}: "
+            f"{str(e)[:200]}); delete it to retrain"
+        ) from e
+
+
+def _load(directory: str, dataset) -> TrainedClassifier:
     with checkpoints.manager(directory, max_to_keep=1) as mngr:
         if mngr.latest_step() is None:
             raise checkpoints.CheckpointError(f"no classifier checkpoint in {directory!r}")

@@ -203,14 +203,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Fields that may differ between a checkpoint and a resumed run without changing the result's
-# mathematics (where things are logged and how often, how steps are batched into dispatches).
+# mathematics (where and how often things are logged, sampling defaults). keep_every is not one:
+# Orbax re-decides at every save which checkpoints to keep, so changing it could delete some.
 OPERATIONAL_FIELDS = frozenset(
     {
         "data_dir",
         "log_every",
         "sample_every",
         "checkpoint_every",
-        "keep_every",
         "sampler",
         "sample_steps",
         "guidance",

@@ -222,7 +222,7 @@ def load_tfds(name: str, data_dir: str = "") -> Dataset:
 
 
 def resize_images(x: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, C) -> (N, size, size, C) by area-weighted (antialiased) resampling."""
+    """(N, H, W, C) -> (N, size, size, C) by antialiased linear (triangle-filter) resampling."""
     if x.shape[1] == size:
         return x
     out = jax.image.resize(jnp.asarray(x), (x.shape[0], size, size, x.shape[3]), "linear")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 
@@ -114,16 +115,26 @@ def sample_to_files(
             f"--steps must be in [1, {T}] (the model was trained with T={T}), got {steps}"
         )
     w = config.guidance if w is None else w
+    if not is_2d and frames < 2:
+        raise ValueError(f"--frames must be >= 2 (the GIF shows noise to samples), got {frames}")
+    name = f"step{step}_{method}{steps}" + (f"_eta{eta:g}" if method == "ddim" and eta else "")
+    name += f"_w{w:g}_seed{seed}"
     if labels is None:
-        per_class = per_class or (400 if is_2d else 8)
+        per_class = (400 if is_2d else 8) if per_class is None else per_class
+        if per_class < 1:
+            raise ValueError(f"--per_class must be >= 1, got {per_class}")
         labels = np.repeat(np.arange(config.num_classes), per_class)
-    labels = np.asarray(labels, np.int32)
-    samplers.check_labels(labels, config.num_classes)
-    if labels.size == 0:
-        raise ValueError("no samples requested: give --labels or a --per_class above 0")
+    else:
+        labels = np.asarray(labels)
+        samplers.check_labels(labels, config.num_classes)
+        if labels.size == 0:
+            raise ValueError("--labels is empty")
+        # explicit labels get a short tag, so different label sets never share a file name
+        name += "_labels" + hashlib.sha1(labels.astype(np.int64).tobytes()).hexdigest()[:6]
+    labels = labels.astype(np.int32)
 
     out = out or os.path.join(os.path.dirname(checkpoints.resolve(workdir)[0]), "samples")
-    stem = os.path.join(out, f"step{step}_{method}{steps}_w{w:g}_seed{seed}")
+    stem = os.path.join(out, name)
     kinds = ("toy2d", "samples") if is_2d else ("grid", "reverse", "samples")
     ext = {"grid": "png", "toy2d": "png", "reverse": "gif", "samples": "npz"}
     paths = {k: f"{stem}_{k}.{ext[k]}" for k in kinds}

@@ -91,7 +91,9 @@ def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
     Shape (K + 1,). Slots are evenly spaced and include the initial noise and the final sample.
     """
     slots = np.full(num_steps + 1, num_snapshots, dtype=np.int32)
-    if num_snapshots:
+    if num_snapshots == 1:  # the one frame is the final sample
+        slots[num_steps] = 0
+    elif num_snapshots:
         done = np.round(np.linspace(0, num_steps, num_snapshots)).astype(np.int64)
         slots[done] = np.arange(num_snapshots)
     return slots

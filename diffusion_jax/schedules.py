@@ -72,7 +72,7 @@ def linear_betas(num_timesteps: int) -> np.ndarray:
     """DDPM's linear betas (1e-4 .. 0.02 at T=1000), scaled by 1000/T. Shape (T,), float64.
 
     The scaling keeps the total noise of the chain (and so sqrt(alpha_bar_T) ~ 0.006) roughly
-    independent of T; for T < 50 the largest betas reach the 0.999 clip.
+    independent of T; for T <= 20 the largest betas reach the 0.999 clip.
     """
     scale = 1000.0 / num_timesteps
     betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)

@@ -243,8 +243,11 @@ def workdir_lock(workdir: str):
     try:
         yield
     finally:
-        if os.path.exists(path):
-            os.remove(path)
+        try:
+            if open(path).read() == me:  # never remove a lock another process took over
+                os.remove(path)
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:

@@ -90,11 +90,19 @@ class UNet(nn.Module):
                 f"height and width must be divisible by {factor}, got {shape[1]}x{shape[2]} "
                 "(e.g. 28x28 works with 3 levels, 32x32 with up to 6)"
             )
-        for mult in self.channel_mults:
-            if (self.channels * mult) % self.num_groups:
+        for width in [self.channels] + [self.channels * m for m in self.channel_mults]:
+            if width % self.num_groups:
                 raise ValueError(
                     f"num_groups={self.num_groups} must divide every level's width "
-                    f"(channels * mult = {self.channels * mult})"
+                    f"(channels and channels * mult), not {width}"
+                )
+        # attention runs at the bottom level and at attention_resolutions
+        widths = {shape[1] // 2**i: self.channels * m for i, m in enumerate(self.channel_mults)}
+        bottom = self.channels * self.channel_mults[-1]
+        for width in [bottom] + [w for r, w in widths.items() if r in self.attention_resolutions]:
+            if width % self.num_heads:
+                raise ValueError(
+                    f"num_heads={self.num_heads} must divide the attention width {width}"
                 )
 
     @nn.compact

@@ -75,6 +75,8 @@ def test_resume_conflicts():
     assert resolve_config(saved, None, {"log_every": 7}).log_every == 7
     with pytest.raises(ConfigConflictError, match=r"lr: saved 0.001, requested 0.5"):
         resolve_config(saved, None, {"lr": 0.5})
+    with pytest.raises(ConfigConflictError, match="keep_every"):  # could delete kept checkpoints
+        resolve_config(saved, None, {"keep_every": 3})
     with pytest.raises(ConfigConflictError, match="channels"):
         resolve_config(saved, "cpu", {})
     assert resolve_config(saved, None, {"lr": 0.5}, allow_config_change=True).lr == 0.5

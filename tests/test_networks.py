@@ -109,6 +109,7 @@ def test_bfloat16_activations_float32_params(unet28):
         ({"channel_mults": (1, 2, 2, 2)}, (1, 28, 28, 1), "divisible by 8"),
         ({}, (1, 28, 28), "NHWC"),
         ({"num_groups": 3}, (1, 28, 28, 1), "num_groups=3"),
+        ({"num_heads": 3}, (1, 28, 28, 1), "num_heads=3"),
     ],
 )
 def test_unet_rejects_bad_shapes(kw, shape, match):

@@ -206,6 +206,10 @@ def test_determinism_and_snapshots(mixture):
         ).snapshots
         is None
     )
+    one = sample(
+        mixture_eps, params, sched, jax.random.PRNGKey(7), (16, 2), **{**kw, "num_snapshots": 1}
+    )
+    np.testing.assert_array_equal(one.snapshots[0], a.samples)  # a single frame is the result
 
 
 def test_same_shapes_do_not_recompile(mixture):

@@ -98,6 +98,8 @@ def test_sampling_is_reproducible(straight_run):
         (["--labels", "3,12"], "labels must be in [0, 10]"),
         (["--steps", "0"], "--steps must be in [1, 20]"),
         (["--steps", "21"], "--steps must be in [1, 20]"),
+        (["--frames", "1"], "--frames must be >= 2"),
+        (["--per_class", "0"], "--per_class must be >= 1"),
     ],
 )
 def test_sample_script_bad_input(straight_run, tmp_path, capsys, extra, message):
@@ -128,6 +130,9 @@ def test_missing_corrupt_and_foreign_checkpoints(straight_run, tmp_path, capsys)
         generation.load_for_sampling(str(foreign))
     with pytest.raises(checkpoints.CheckpointError, match="holds no diffusion_jax checkpoints"):
         generation.load_for_sampling(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(checkpoints.CheckpointError, match="is a file"):
+        generation.load_for_sampling(str(tmp_path / "notes.txt"))
     # corrupt a copy of a real checkpoint: its EMA arrays are gone
     import shutil
 
