@@ -7,6 +7,7 @@ layer gives the features of the Frechet distance; its softmax the Inception Scor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import NamedTuple
@@ -71,13 +72,10 @@ def predict(clf: TrainedClassifier, images, batch_size: int = 1000):
     return np.concatenate(probs), np.concatenate(feats)
 
 
-_APPLY_CACHE: dict = {}
-
-
+@functools.cache
 def _apply_fn(model: CNN):
-    if model not in _APPLY_CACHE:
-        _APPLY_CACHE[model] = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    return _APPLY_CACHE[model]
+    """The jitted forward pass, one per model, so repeated predictions do not recompile."""
+    return jax.jit(lambda p, x: model.apply({"params": p}, x))
 
 
 def accuracy(clf: TrainedClassifier, images, labels) -> float:

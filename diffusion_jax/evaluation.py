@@ -86,11 +86,10 @@ def check_images(images, expected_shape) -> np.ndarray:
 class Reference:
     """Real-data statistics for a classifier and data set, computed once per sample count."""
 
-    def __init__(self, clf, dataset, seed: int = 0):
+    def __init__(self, clf, dataset):
         self.clf, self.dataset = clf, dataset
         self.test_probs, self.test_feats = classifier_lib.predict(clf, dataset.test_x)
         self.train_probs, self.train_feats = classifier_lib.predict(clf, dataset.train_x)
-        self._rng = np.random.default_rng(seed)
         self._cache: dict[int, dict] = {}
 
     def floors(self, n: int) -> dict:
@@ -172,7 +171,7 @@ def sweep(
     generation.check_writable(out)
     dataset = data.load_dataset(config)
     clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log, epochs=classifier_epochs)
-    reference = Reference(clf, dataset, seed)
+    reference = Reference(clf, dataset)
     labels = np.repeat(np.arange(config.num_classes), per_class)
     runs = [(guidance_spec, w) for w in ws] + [(s, steps_w) for s in sampler_specs]
     runs = list(dict.fromkeys(runs))

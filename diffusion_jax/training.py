@@ -82,10 +82,6 @@ def ema_decay_at(step, decay: float):
     return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def sample_shape(config, dataset: data.Dataset, batch: int) -> tuple[int, ...]:
-    return (batch,) + tuple(dataset.train_x.shape[1:])
-
-
 def init_state(config, model, optimizer, example_shape) -> TrainState:
     params = models.init_params(
         model, jax.random.fold_in(jax.random.PRNGKey(config.seed), 0), example_shape
@@ -358,7 +354,7 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
 
     model = models.build_model(config)
     optimizer = make_optimizer(config)
-    state = init_state(config, model, optimizer, sample_shape(config, dataset, 1))
+    state = init_state(config, model, optimizer, (1, *dataset.train_x.shape[1:]))
     mngr = checkpoints.manager(ckpt_dir, keep_every=config.keep_every)
     if saved_step is not None:
         restored, ema = checkpoints.restore_train(

@@ -142,7 +142,6 @@ def test_missing_corrupt_and_foreign_checkpoints(straight_run, tmp_path, capsys)
     shutil.rmtree(broken / "checkpoints" / "8" / "ema")
     with pytest.raises(checkpoints.CheckpointError, match="could not be read"):
         generation.load_for_sampling(str(broken))
-    assert sample_script.main.__module__ == "sample"  # the script, not a copy of the library
 
 
 def test_train_script_refuses_foreign_folder(tmp_path, capsys):
