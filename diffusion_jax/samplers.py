@@ -99,21 +99,50 @@ def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
     return slots
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "denoise_fn",
-        "shape",
-        "method",
-        "variance",
-        "prediction",
-        "clip",
-        "num_snapshots",
-        "guided",
-        "null_label",
-        "unroll",
-    ),
-)
+def reverse_step(
+    params,
+    schedule: Schedule,
+    k,
+    x,
+    key_steps,
+    labels,
+    w,
+    eta,
+    *,
+    denoise_fn,
+    method,
+    variance,
+    prediction,
+    clip,
+    guided,
+    null_label,
+):
+    """One step of the reverse chain, from row ``k`` (a scalar) to row k-1: x (B, ...) -> (B, ...).
+
+    The step's noise is drawn from ``fold_in(key_steps, k)``, so a chain built from this function
+    (the ``lax.scan`` of :func:`sample`, or a Python loop over a jitted copy) gives the same
+    samples for the same key.
+    """
+    t = jnp.full((x.shape[0],), schedule.timesteps[k], jnp.int32)
+    out = guided_output(denoise_fn, params, x, t, labels, w, null_label, guided)
+    kk = jnp.full((x.shape[0],), k)
+    x0, eps = diffusion.to_x0_eps(schedule, prediction, out, x, kk, clip)
+    noise = jax.random.normal(jax.random.fold_in(key_steps, k), x.shape, jnp.float32)
+    if method == "ddpm":
+        return ancestral_step(schedule, k, x, x0, noise, variance)
+    return ddim_step(schedule, k, x0, eps, noise, eta)
+
+
+STEP_STATIC = ("denoise_fn", "method", "variance", "prediction", "clip", "guided", "null_label")
+
+
+def initial_noise(key, shape):
+    """``(x_T, key_steps)``: the chain's starting noise and the key its steps fold into."""
+    key_init, key_steps = jax.random.split(key)
+    return jax.random.normal(key_init, shape, jnp.float32), key_steps
+
+
+@functools.partial(jax.jit, static_argnames=(*STEP_STATIC, "shape", "num_snapshots", "unroll"))
 def _sample_chain(
     params,
     schedule: Schedule,
@@ -122,35 +151,20 @@ def _sample_chain(
     w,
     eta,
     *,
-    denoise_fn,
     shape,
-    method,
-    variance,
-    prediction,
-    clip,
     num_snapshots,
-    guided,
-    null_label,
     unroll,
+    **step_static,
 ):
     num_steps = schedule.num_steps
-    key_init, key_steps = jax.random.split(key)
-    x = jax.random.normal(key_init, shape, jnp.float32)
+    x, key_steps = initial_noise(key, shape)
     slots = jnp.asarray(snapshot_slots(num_steps, num_snapshots))
     # One spare slot absorbs the writes of steps that are not snapshots: no branch in the loop.
     frames = jnp.zeros((num_snapshots + 1,) + shape, jnp.float32).at[slots[0]].set(x)
 
     def step(carry, k):
         x, frames = carry
-        t = jnp.full((shape[0],), schedule.timesteps[k], jnp.int32)
-        out = guided_output(denoise_fn, params, x, t, labels, w, null_label, guided)
-        kk = jnp.full((shape[0],), k)
-        x0, eps = diffusion.to_x0_eps(schedule, prediction, out, x, kk, clip)
-        noise = jax.random.normal(jax.random.fold_in(key_steps, k), shape, jnp.float32)
-        if method == "ddpm":
-            x = ancestral_step(schedule, k, x, x0, noise, variance)
-        else:
-            x = ddim_step(schedule, k, x0, eps, noise, eta)
+        x = reverse_step(params, schedule, k, x, key_steps, labels, w, eta, **step_static)
         frames = frames.at[slots[num_steps - k]].set(x)
         return (x, frames), None
 
@@ -158,6 +172,28 @@ def _sample_chain(
         step, (x, frames), jnp.arange(num_steps - 1, -1, -1), unroll=unroll
     )
     return x, frames[:num_snapshots]
+
+
+@functools.cache
+def _jitted_step(static_items):
+    return jax.jit(functools.partial(reverse_step, **dict(static_items)))
+
+
+def sample_python_loop(denoise_fn, params, schedule: Schedule, key, labels, w, eta=0.0, **kw):
+    """The chain of :func:`sample` driven from Python, one jitted :func:`reverse_step` per
+    dispatch: a baseline for benchmarks (what compiling the whole chain with ``lax.scan`` buys).
+
+    ``labels`` int (B,) and the (B, ...) shape's tail given as ``shape=``; the keyword arguments
+    are :func:`reverse_step`'s static ones. Same key, same samples as :func:`sample` (up to
+    float rounding). Returns x_0, (B, ...).
+    """
+    shape = tuple(kw.pop("shape"))
+    step = _jitted_step(tuple(sorted(dict(kw, denoise_fn=denoise_fn).items())))
+    x, key_steps = initial_noise(key, shape)
+    labels, w = jnp.asarray(labels, jnp.int32), jnp.asarray(w, jnp.float32)
+    for k in range(schedule.num_steps - 1, -1, -1):
+        x = step(params, schedule, jnp.int32(k), x, key_steps, labels, w, jnp.float32(eta))
+    return x
 
 
 def _check_choice(name, value, allowed):

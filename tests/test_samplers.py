@@ -212,6 +212,39 @@ def test_determinism_and_snapshots(mixture):
     np.testing.assert_array_equal(one.snapshots[0], a.samples)  # a single frame is the result
 
 
+@pytest.mark.parametrize("method, w", [("ddpm", 0.0), ("ddim", 2.0)])
+def test_python_loop_and_unroll_match_the_scan(mixture, method, w):
+    """The benchmark's baselines compute the same chain: a Python loop over the jitted step, and
+    the scan at another unroll factor."""
+    T, params = mixture
+    sched = respace("cosine", T, 12)
+    labels = np.arange(16) % 3
+    kw = dict(num_classes=3, labels=labels, w=w, method=method, eta=0.5, clip=None)
+    scan = sample(mixture_eps, params, sched, jax.random.PRNGKey(5), (16, 2), **kw).samples
+    unrolled = sample(
+        mixture_eps, params, sched, jax.random.PRNGKey(5), (16, 2), unroll=4, **kw
+    ).samples
+    loop = samplers.sample_python_loop(
+        mixture_eps,
+        params,
+        sched,
+        jax.random.PRNGKey(5),
+        labels,
+        w,
+        0.5,
+        shape=(16, 2),
+        method=method,
+        variance="small",
+        prediction="eps",
+        clip=None,
+        guided=w > 0,
+        null_label=3,
+    )
+    assert np.std(np.asarray(scan)) > 0.1  # real samples, not zeros
+    np.testing.assert_allclose(unrolled, scan, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loop, scan, rtol=1e-5, atol=1e-5)
+
+
 def test_same_shapes_do_not_recompile(mixture):
     T, params = mixture
     sched = respace("cosine", T, 10)
