@@ -6,6 +6,7 @@
     python train.py --workdir runs/x --preset mnist --lr 1e-4 --num_steps 50000
 
 Every config field is a flag (``--help`` lists them). Ctrl-C or SIGTERM writes a checkpoint first.
+On several hosts, start the same command on each with ``--distributed`` (see README.md).
 """
 
 import argparse
@@ -16,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def main(argv=None) -> int:
-    from diffusion_jax import cli, training
+    from diffusion_jax import cli, sharding, training
     from diffusion_jax import config as config_lib
 
     parser = argparse.ArgumentParser(
@@ -30,8 +31,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     config_lib.add_config_flags(parser)
+    cli.add_distributed_flags(parser)
     args = parser.parse_args(argv)
     with cli.clean_errors("train.py"):
+        cli.start_distributed(args)
         result = training.train(
             args.workdir,
             preset=args.preset,
@@ -40,6 +43,8 @@ def main(argv=None) -> int:
             progress=not args.no_progress,
         )
         step = int(result.state.step)
+        if not sharding.is_main_process():
+            return 130 if result.interrupted else 0
         if result.interrupted:
             print(f"interrupted at step {step}; run the same command again to resume")
             return 130

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 
@@ -25,3 +26,31 @@ def clean_errors(program: str):
     except RUN_ERRORS as e:
         print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "several hosts",
+        "Start the same command on every host. --distributed alone works where jax detects the "
+        "cluster (Cloud TPU, Slurm, Open MPI, Kubernetes); elsewhere give the other three flags.",
+    )
+    group.add_argument("--distributed", action="store_true", help="join a multi-process run")
+    group.add_argument("--coordinator_address", help="host:port of process 0 (implies it)")
+    group.add_argument("--num_processes", type=int, help="how many processes in all")
+    group.add_argument("--process_id", type=int, help="this process's index, 0..N-1")
+
+
+def start_distributed(args) -> None:
+    """``jax.distributed.initialize`` if the flags of :func:`add_distributed_flags` ask for it."""
+    from diffusion_jax import sharding
+
+    manual = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(v is not None for v in manual):
+        if any(v is None for v in manual):
+            raise ValueError(
+                "--coordinator_address, --num_processes and --process_id go together; give all "
+                "three, or only --distributed on a cluster jax detects itself"
+            )
+        sharding.initialize_distributed(*manual)
+    elif args.distributed:
+        sharding.initialize_distributed()

@@ -275,3 +275,19 @@ def batch_indices(data_key: jax.Array, step, num_examples: int, batch_size: int)
     epoch, i = step // steps_per_epoch, step % steps_per_epoch
     perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
     return jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+
+
+def shard_rows(num_examples: int, shard: int, num_shards: int) -> np.ndarray:
+    """The examples of data shard ``shard``: every num_shards-th row from ``shard`` (so a data
+    set stored sorted by class still gives balanced shards), num_examples // num_shards of them."""
+    return np.arange(shard, num_examples, num_shards)[: num_examples // num_shards]
+
+
+def shard_batch_indices(data_key, step, shard_size: int, batch_size: int, num_shards: int):
+    """Each shard's part of the batch of step ``step``: int32 (num_shards, batch_size /
+    num_shards), indices into the shard. Shard s walks its own epochs, keyed by fold_in(data_key,
+    s); with one shard this is the batch of :func:`batch_indices` under that key."""
+    per_shard = batch_size // num_shards
+    return jax.vmap(
+        lambda s: batch_indices(jax.random.fold_in(data_key, s), step, shard_size, per_shard)
+    )(jnp.arange(num_shards))

@@ -9,7 +9,7 @@ import tempfile
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoints, models, samplers
+from diffusion_jax import checkpoints, models, samplers, sharding
 from diffusion_jax.schedules import respace
 
 
@@ -27,13 +27,17 @@ def generate(
     eta: float = 0.0,
     num_snapshots: int = 0,
     timing: dict | None = None,
+    mesh=None,
 ) -> samplers.SampleResult:
     """Samples of shape (len(labels), *data_shape) from ``model`` with ``params``.
 
     ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w``, ``method`` and
     ``steps`` default to the config's ``guidance``, ``sampler`` and ``sample_steps``; ``timing``
-    is passed to :func:`~diffusion_jax.samplers.sample`.
+    is passed to :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh``
+    (default: all devices, when there are several).
     """
+    if mesh is None and jax.device_count() > 1:
+        mesh = sharding.data_mesh()
     labels = np.asarray(labels)
     return samplers.sample(
         models.denoiser(model),
@@ -51,6 +55,7 @@ def generate(
         prediction=config.prediction,
         num_snapshots=num_snapshots,
         timing=timing,
+        mesh=mesh,
     )
 
 

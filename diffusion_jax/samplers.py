@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion
+from diffusion_jax import diffusion, sharding
 from diffusion_jax.schedules import Schedule
 
 METHODS = ("ddpm", "ddim")
@@ -142,7 +142,9 @@ def initial_noise(key, shape):
     return jax.random.normal(key_init, shape, jnp.float32), key_steps
 
 
-@functools.partial(jax.jit, static_argnames=(*STEP_STATIC, "shape", "num_snapshots", "unroll"))
+@functools.partial(
+    jax.jit, static_argnames=(*STEP_STATIC, "shape", "num_snapshots", "unroll", "mesh")
+)
 def _sample_chain(
     params,
     schedule: Schedule,
@@ -154,10 +156,14 @@ def _sample_chain(
     shape,
     num_snapshots,
     unroll,
+    mesh,
     **step_static,
 ):
     num_steps = schedule.num_steps
     x, key_steps = initial_noise(key, shape)
+    if mesh is not None:  # the batch split over the mesh's devices; everything follows x
+        x = jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh))
+        labels = jax.lax.with_sharding_constraint(labels, sharding.batch_sharded(mesh))
     slots = jnp.asarray(snapshot_slots(num_steps, num_snapshots))
     # One spare slot absorbs the writes of steps that are not snapshots: no branch in the loop.
     frames = jnp.zeros((num_snapshots + 1,) + shape, jnp.float32).at[slots[0]].set(x)
@@ -241,6 +247,7 @@ def sample(
     clip: tuple[float, float] | None = (-1.0, 1.0),
     num_snapshots: int = 0,
     unroll: int = 1,
+    mesh=None,
     timing: dict | None = None,
 ) -> SampleResult:
     """Draw ``shape[0]`` samples by running the reverse chain of ``schedule`` on the device.
@@ -264,6 +271,10 @@ def sample(
       clip: clip predicted x_0 to this range (the data range is [-1, 1]); None disables.
       num_snapshots: how many evenly spaced states of the chain to return (0 = none).
       unroll: ``lax.scan`` unroll factor (a speed knob; results are identical).
+      mesh: a ``jax.sharding.Mesh`` (e.g. ``sharding.data_mesh()``) to split the batch over its
+        devices, parameters replicated; the batch is padded to a multiple of the device count.
+        The same key gives the same samples with or without a mesh. The results are then global
+        arrays (use ``sharding.to_host`` when the mesh spans several processes).
       timing: if a dict, the chain is compiled ahead of time and run once, and the dict receives
         ``compile_s`` and ``sample_s`` (seconds, the run timed to completion). That compiled
         program is not kept in the jit cache.
@@ -297,14 +308,18 @@ def sample(
             raise ValueError("guidance (w > 0) needs labels; pass labels or set w=0")
         labels = jnp.full((shape[0],), num_classes, jnp.int32)
     check_labels(labels, num_classes, shape[0])
-    args = (
-        params,
-        schedule,
-        key,
-        jnp.asarray(labels, jnp.int32),
-        jnp.asarray(w_arr, jnp.float32),
-        jnp.float32(eta),
-    )
+    batch, labels = shape[0], jnp.asarray(labels, jnp.int32)
+    if mesh is not None:
+        # Padding leaves the real samples unchanged: with partitionable threefry (jax's default)
+        # the noise of sample i does not depend on the batch size.
+        pad = -batch % mesh.devices.size
+        shape = (batch + pad, *shape[1:])
+        labels = np.concatenate([np.asarray(labels), np.full(pad, num_classes, np.int32)])
+        if w_arr.ndim:
+            w_arr = np.concatenate([w_arr, np.zeros(pad)])
+    args = (params, schedule, key, labels, jnp.asarray(w_arr, jnp.float32), jnp.float32(eta))
+    if mesh is not None:
+        args = sharding.replicate(args, mesh)
     static = dict(
         denoise_fn=denoise_fn,
         shape=shape,
@@ -316,6 +331,7 @@ def sample(
         guided=guided,
         null_label=int(num_classes),
         unroll=int(unroll),
+        mesh=mesh,
     )
     if timing is None:
         samples, frames = _sample_chain(*args, **static)
@@ -326,4 +342,6 @@ def sample(
         start = time.perf_counter()
         samples, frames = jax.block_until_ready(compiled(*args))
         timing["sample_s"] = time.perf_counter() - start
+    if samples.shape[0] != batch:
+        samples, frames = samples[:batch], frames[:, :batch]
     return SampleResult(samples, frames if num_snapshots else None)

@@ -94,34 +94,65 @@ def init_state(config, model, optimizer, example_shape) -> TrainState:
     )
 
 
-def make_train_steps(config, mesh=None):
+def make_train_steps(config, mesh=None, num_shards: int = 1):
     """A jitted ``fn(state, train_x, train_y, num_steps) -> (state, loss_sum, grad_norm)``.
 
     Runs ``num_steps`` (a traced int: any count reuses the same program) optimizer steps on
     device-resident data inside one ``lax.fori_loop``; ``loss_sum`` is the sum of their losses.
-    Cached per config (its mathematical fields), so a resumed run in the same process reuses
-    the compiled program. With a ``mesh``, each batch is split over its devices.
+    ``train_x`` (D, M, ...) and ``train_y`` (D, M) hold, on each of the mesh's D devices, the M
+    examples of that device's data shard (:func:`device_data`); each step takes an equal part of
+    the batch from every shard, and each device gathers its slice of the batch from its own rows.
+    Cached per config (its mathematical fields), mesh and shard count, so a resumed run in the
+    same process reuses the compiled program.
     """
-    return _make_train_steps(config_lib.math_part(config), mesh or sharding.data_mesh())
+    mesh = mesh or sharding.data_mesh()
+    sharding.check_num_shards(num_shards, mesh)
+    return _make_train_steps(config_lib.math_part(config), mesh, num_shards)
+
+
+def device_data(dataset: data.Dataset, mesh, num_shards: int):
+    """``(train_x, train_y)`` as (D, M, ...) and (D, M) global arrays for :func:`make_train_steps`:
+    the training set split into ``num_shards`` shards (:func:`data.shard_rows`), each device
+    holding its shard's M = N // num_shards examples. Each process builds only its devices' rows."""
+    n = dataset.train_x.shape[0]
+
+    def rows(s):
+        return data.shard_rows(n, s, num_shards)
+
+    return (
+        sharding.put_sharded_rows(dataset.train_x, mesh, num_shards, rows),
+        sharding.put_sharded_rows(dataset.train_y.astype(np.int32), mesh, num_shards, rows),
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _make_train_steps(config, mesh):
+def _make_train_steps(config, mesh, num_shards):
     model, optimizer = models.build_model(config), make_optimizer(config)
     schedule = make_schedule(config.schedule, config.num_timesteps)
     denoise = models.denoiser(model, train=True)
     base = jax.random.PRNGKey(config.seed)
     data_key, step_key = jax.random.fold_in(base, 1), jax.random.fold_in(base, 2)
+    batched = sharding.batch_sharded(mesh)
 
     def one_step(state: TrainState, train_x, train_y):
         key = jax.random.fold_in(step_key, state.step)
         key_loss, key_dropout = jax.random.split(key)
-        idx = data.batch_indices(data_key, state.step, train_x.shape[0], config.batch_size)
+        # (S, B/S) indices into each shard -> (D, B/D): shard s's part split over its devices.
+        # Device d gathers from its own rows, so no example crosses devices.
+        idx = data.shard_batch_indices(
+            data_key, state.step, train_x.shape[1], config.batch_size, num_shards
+        ).reshape(train_x.shape[0], -1)
+        idx = jax.lax.with_sharding_constraint(idx, batched)
         # The batch is split over the mesh; the (replicated) parameters' gradients are then
         # all-reduced by XLA. The random draws do not depend on the split (partitionable
-        # threefry), so any device count computes the same losses up to summation order.
-        x0 = jax.lax.with_sharding_constraint(train_x[idx], sharding.batch_sharded(mesh))
-        y0 = jax.lax.with_sharding_constraint(train_y[idx], sharding.batch_sharded(mesh))
+        # threefry), so with one shard any device count computes the same losses up to
+        # summation order.
+        x0, y0 = (
+            jax.lax.with_sharding_constraint(
+                jax.vmap(lambda rows, i: rows[i])(a, idx).reshape(-1, *a.shape[2:]), batched
+            )
+            for a in (train_x, train_y)
+        )
 
         def loss_fn(params):
             loss, _ = losses.diffusion_loss(
@@ -274,6 +305,15 @@ class _StopFlag:
     def _handle(self, signum, frame):
         self.signal = signum
 
+    def agree(self) -> None:
+        """With several processes: a signal received by any of them stops all of them (a
+        checkpoint is a collective operation, so they must stop at the same step)."""
+        from jax.experimental import multihost_utils
+
+        signals = multihost_utils.process_allgather(np.int32(self.signal or 0))
+        if self.signal is None and np.any(signals):
+            self.signal = int(np.max(signals))
+
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
@@ -308,6 +348,7 @@ def train(
     stop_after: int | None = None,
     progress: bool = True,
     log=print,
+    data_shards: int | None = None,
 ) -> TrainResult:
     """Train (or resume) the run in ``workdir``.
 
@@ -320,6 +361,13 @@ def train(
       stop_after: behave as if interrupted once this many steps are done (tests).
       progress: show a progress bar.
       log: where to print messages.
+      data_shards: split the training set into this many shards, each held by an equal block
+        of devices (default: one per process, so each process holds only its own shard). The
+        data order depends on it; with one shard it does not depend on the device count.
+
+    With several processes (:func:`sharding.initialize_distributed`) every process calls this
+    with the same arguments; only process 0 takes the workdir lock and writes logs, metrics,
+    sample grids and ``config.json``, while all of them take part in the Orbax checkpoints.
 
     Returns:
       A :class:`TrainResult`; ``interrupted`` is True if a signal (or ``stop_after``) ended the
@@ -327,13 +375,27 @@ def train(
     """
     workdir = os.path.abspath(workdir)
     _check_workdir(workdir)
-    with workdir_lock(workdir):
+    main = sharding.is_main_process()
+    if not main:
+        log, progress = (lambda *a, **k: None), False
+    num_shards = jax.process_count() if data_shards is None else data_shards
+    with workdir_lock(workdir) if main else contextlib.nullcontext():
         return _train(
-            workdir, preset, overrides, allow_config_change, dataset, stop_after, progress, log
+            workdir,
+            preset,
+            overrides,
+            allow_config_change,
+            dataset,
+            stop_after,
+            progress,
+            log,
+            num_shards,
         )
 
 
-def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after, progress, log):
+def _train(
+    workdir, preset, overrides, allow_config_change, dataset, stop_after, progress, log, num_shards
+):
     ckpt_dir = os.path.join(workdir, checkpoints.SUBDIR)
     saved, saved_step, mngr = None, None, None
     if os.path.isdir(ckpt_dir):
@@ -346,15 +408,23 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
         mngr.close()
     if dataset is None:
         dataset = data.load_dataset(config)
-    if config.batch_size > dataset.train_x.shape[0]:
+    mesh = sharding.data_mesh()
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_num_shards(num_shards, mesh)
+    if config.batch_size > dataset.train_x.shape[0] // num_shards * num_shards:
         raise ValueError(
             f"batch_size {config.batch_size} exceeds the {dataset.train_x.shape[0]} training "
             f"examples of {dataset.name}"
+            + (f" (in {num_shards} equal shards)" if num_shards > 1 else "")
         )
 
     model = models.build_model(config)
     optimizer = make_optimizer(config)
     state = init_state(config, model, optimizer, (1, *dataset.train_x.shape[1:]))
+    # Replicated on every device of the mesh, before a restore so that Orbax restores into this
+    # placement (global arrays when there are several processes). Fresh and restored states get
+    # the same placement, so resuming in the same process does not compile the step again.
+    state = sharding.replicate(state, mesh)
     mngr = checkpoints.manager(ckpt_dir, keep_every=config.keep_every)
     if saved_step is not None:
         restored, ema = checkpoints.restore_train(
@@ -372,22 +442,17 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
         mngr.close()
         return TrainResult(state, config, False)
 
-    mesh = sharding.data_mesh()
-    sharding.check_batch_size(config.batch_size, mesh)
-    train_steps = make_train_steps(config, mesh)
-    # State and data replicated on every device of the mesh (each step then takes its batch
-    # shard). Fresh and restored states get the same placement, so resuming in the same process
-    # does not compile the train step again.
-    state = jax.device_put(state, sharding.replicated(mesh))
-    train_x = jax.device_put(dataset.train_x, sharding.replicated(mesh))
-    train_y = jax.device_put(dataset.train_y.astype(np.int32), sharding.replicated(mesh))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_lib.to_dict(config), f, indent=1)
+    train_steps = make_train_steps(config, mesh, num_shards)
+    train_x, train_y = device_data(dataset, mesh, num_shards)
+    main = sharding.is_main_process()
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_lib.to_dict(config), f, indent=1)
 
     events = [config.log_every, config.checkpoint_every, config.sample_every]
     end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
-    grid_fn = _sample_grid_fn(config, model, dataset) if config.sample_every else None
-    metrics = _MetricsLog(workdir, config, start, progress)
+    grid_fn = _sample_grid_fn(config, model, dataset, mesh) if config.sample_every else None
+    metrics = _MetricsLog(workdir, config, start, progress, write=main)
     step, interrupted = start, False
     try:
         with _StopFlag() as stop:
@@ -415,6 +480,8 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
                     grid_fn(
                         state.ema_params, os.path.join(workdir, "samples", f"step_{step:07d}.png")
                     )
+                if jax.process_count() > 1 and step % config.log_every == 0:
+                    stop.agree()
                 stopping = stop.signal is not None or (stop_after is not None and step >= end)
                 if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
                     checkpoints.save(
@@ -439,11 +506,11 @@ def _train(workdir, preset, overrides, allow_config_change, dataset, stop_after,
 class _MetricsLog:
     """metrics.jsonl (+ TensorBoard, + progress bar). Losses stay on the device until a write."""
 
-    def __init__(self, workdir: str, config, start: int, progress: bool):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, workdir: str, config, start: int, progress: bool, write: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl") if write else None
         self.config = config
-        self.bar = _progress(config.num_steps, start, progress)
-        self.writer = _tensorboard(workdir)
+        self.bar = _progress(config.num_steps, start, progress and write)
+        self.writer = _tensorboard(workdir) if write else None
         self.pending, self.last_step, self.last_time = [], start, time.perf_counter()
 
     def add(self, num_steps: int, loss_sum) -> None:
@@ -465,8 +532,9 @@ class _MetricsLog:
             "nonfinite_skipped": int(notfinite_count),
             "time": time.time(),
         }
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
         if self.writer is not None:
             for k in ("loss", "grad_norm", "lr", "steps_per_sec"):
                 self.writer.add_scalar(k, record[k], step)
@@ -484,8 +552,9 @@ class _MetricsLog:
             self.writer.close()
 
 
-def _sample_grid_fn(config, model, dataset):
-    """``fn(ema_params, path)`` writing a class-ordered grid of samples (images only)."""
+def _sample_grid_fn(config, model, dataset, mesh):
+    """``fn(ema_params, path)`` writing a class-ordered grid of samples (images only), sampled
+    over the mesh by every process and written by process 0."""
     from diffusion_jax import generation, images
 
     if dataset.train_x.ndim != 4:
@@ -500,7 +569,10 @@ def _sample_grid_fn(config, model, dataset):
             dataset.train_x.shape[1:],
             labels,
             jax.random.PRNGKey(config.seed + 1),
+            mesh=mesh,
         )
-        images.save_grid(result.samples, labels, path, null_label=config.null_label)
+        samples = sharding.to_host(result.samples)
+        if sharding.is_main_process():
+            images.save_grid(samples, labels, path, null_label=config.null_label)
 
     return write
