@@ -230,6 +230,83 @@ def check_labels(labels, num_classes: int, batch_size: int | None = None) -> Non
         )
 
 
+def prepare_chain(
+    denoise_fn: Callable,
+    params,
+    schedule: Schedule,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    num_classes: int,
+    labels=None,
+    w: float = 0.0,
+    method: str = "ddpm",
+    variance: str = "small",
+    eta: float = 0.0,
+    prediction: str = "eps",
+    clip: tuple[float, float] | None = (-1.0, 1.0),
+    num_snapshots: int = 0,
+    unroll: int = 1,
+    mesh=None,
+):
+    """``(args, static)`` such that ``_sample_chain(*args, **static)`` is the chain that
+    :func:`sample` runs with these arguments (checked, and padded for a ``mesh``). For tools that
+    compile and time the chain themselves (``_sample_chain.lower(*args, **static)``); the result
+    has ``static["shape"][0]`` rows, of which the first ``shape[0]`` are the samples."""
+    _check_choice("method", method, METHODS)
+    _check_choice("variance", variance, VARIANCES)
+    diffusion.check_prediction(prediction)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"shape must be (batch, ...) with batch >= 1, got {shape}")
+    if not _is_concrete(eta) or float(eta) < 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+    if not isinstance(num_snapshots, (int, np.integer)) or not (
+        0 <= num_snapshots <= schedule.num_steps + 1
+    ):
+        raise ValueError(
+            f"num_snapshots must be in [0, {schedule.num_steps + 1}] (steps + 1), "
+            f"got {num_snapshots!r}"
+        )
+    w_arr = np.asarray(w, dtype=np.float64)
+    if w_arr.ndim > 1 or (w_arr.ndim == 1 and w_arr.shape[0] != shape[0]):
+        raise ValueError(f"w must be a number or a ({shape[0]},) array, got shape {w_arr.shape}")
+    if not np.all(np.isfinite(w_arr)) or np.any(w_arr < 0):
+        raise ValueError(f"w must be finite and >= 0, got {w!r}")
+    guided = bool(np.any(w_arr != 0))
+    if labels is None:
+        if guided:
+            raise ValueError("guidance (w > 0) needs labels; pass labels or set w=0")
+        labels = jnp.full((shape[0],), num_classes, jnp.int32)
+    check_labels(labels, num_classes, shape[0])
+    batch, labels = shape[0], jnp.asarray(labels, jnp.int32)
+    if mesh is not None:
+        # Padding leaves the real samples unchanged: with partitionable threefry (jax's default)
+        # the noise of sample i does not depend on the batch size.
+        pad = -batch % mesh.devices.size
+        shape = (batch + pad, *shape[1:])
+        labels = np.concatenate([np.asarray(labels), np.full(pad, num_classes, np.int32)])
+        if w_arr.ndim:
+            w_arr = np.concatenate([w_arr, np.zeros(pad)])
+    args = (params, schedule, key, labels, jnp.asarray(w_arr, jnp.float32), jnp.float32(eta))
+    if mesh is not None:
+        args = sharding.replicate(args, mesh)
+    static = dict(
+        denoise_fn=denoise_fn,
+        shape=shape,
+        method=method,
+        variance=variance,
+        prediction=prediction,
+        clip=None if clip is None else (float(clip[0]), float(clip[1])),
+        num_snapshots=int(num_snapshots),
+        guided=guided,
+        null_label=int(num_classes),
+        unroll=int(unroll),
+        mesh=mesh,
+    )
+    return args, static
+
+
 def sample(
     denoise_fn: Callable,
     params,
@@ -282,57 +359,25 @@ def sample(
     Returns:
       A :class:`SampleResult` of float32 arrays.
     """
-    _check_choice("method", method, METHODS)
-    _check_choice("variance", variance, VARIANCES)
-    diffusion.check_prediction(prediction)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or shape[0] < 1:
-        raise ValueError(f"shape must be (batch, ...) with batch >= 1, got {shape}")
-    if not _is_concrete(eta) or float(eta) < 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-    if not isinstance(num_snapshots, (int, np.integer)) or not (
-        0 <= num_snapshots <= schedule.num_steps + 1
-    ):
-        raise ValueError(
-            f"num_snapshots must be in [0, {schedule.num_steps + 1}] (steps + 1), "
-            f"got {num_snapshots!r}"
-        )
-    w_arr = np.asarray(w, dtype=np.float64)
-    if w_arr.ndim > 1 or (w_arr.ndim == 1 and w_arr.shape[0] != shape[0]):
-        raise ValueError(f"w must be a number or a ({shape[0]},) array, got shape {w_arr.shape}")
-    if not np.all(np.isfinite(w_arr)) or np.any(w_arr < 0):
-        raise ValueError(f"w must be finite and >= 0, got {w!r}")
-    guided = bool(np.any(w_arr != 0))
-    if labels is None:
-        if guided:
-            raise ValueError("guidance (w > 0) needs labels; pass labels or set w=0")
-        labels = jnp.full((shape[0],), num_classes, jnp.int32)
-    check_labels(labels, num_classes, shape[0])
-    batch, labels = shape[0], jnp.asarray(labels, jnp.int32)
-    if mesh is not None:
-        # Padding leaves the real samples unchanged: with partitionable threefry (jax's default)
-        # the noise of sample i does not depend on the batch size.
-        pad = -batch % mesh.devices.size
-        shape = (batch + pad, *shape[1:])
-        labels = np.concatenate([np.asarray(labels), np.full(pad, num_classes, np.int32)])
-        if w_arr.ndim:
-            w_arr = np.concatenate([w_arr, np.zeros(pad)])
-    args = (params, schedule, key, labels, jnp.asarray(w_arr, jnp.float32), jnp.float32(eta))
-    if mesh is not None:
-        args = sharding.replicate(args, mesh)
-    static = dict(
-        denoise_fn=denoise_fn,
-        shape=shape,
+    args, static = prepare_chain(
+        denoise_fn,
+        params,
+        schedule,
+        key,
+        shape,
+        num_classes=num_classes,
+        labels=labels,
+        w=w,
         method=method,
         variance=variance,
+        eta=eta,
         prediction=prediction,
-        clip=None if clip is None else (float(clip[0]), float(clip[1])),
-        num_snapshots=int(num_snapshots),
-        guided=guided,
-        null_label=int(num_classes),
-        unroll=int(unroll),
+        clip=clip,
+        num_snapshots=num_snapshots,
+        unroll=unroll,
         mesh=mesh,
     )
+    batch = int(shape[0])
     if timing is None:
         samples, frames = _sample_chain(*args, **static)
     else:
