@@ -51,6 +51,11 @@ def start_distributed(args) -> None:
                 "--coordinator_address, --num_processes and --process_id go together; give all "
                 "three, or only --distributed on a cluster jax detects itself"
             )
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(
+                f"--process_id must be in [0, {args.num_processes}) for --num_processes "
+                f"{args.num_processes}, got {args.process_id}"
+            )
         sharding.initialize_distributed(*manual)
     elif args.distributed:
         sharding.initialize_distributed()

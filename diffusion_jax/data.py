@@ -286,7 +286,9 @@ def shard_rows(num_examples: int, shard: int, num_shards: int) -> np.ndarray:
 def shard_batch_indices(data_key, step, shard_size: int, batch_size: int, num_shards: int):
     """Each shard's part of the batch of step ``step``: int32 (num_shards, batch_size /
     num_shards), indices into the shard. Shard s walks its own epochs, keyed by fold_in(data_key,
-    s); with one shard this is the batch of :func:`batch_indices` under that key."""
+    s); one shard is the batch of :func:`batch_indices` under ``data_key`` itself."""
+    if num_shards == 1:  # the order of runs made before data shards existed
+        return batch_indices(data_key, step, shard_size, batch_size)[None]
     per_shard = batch_size // num_shards
     return jax.vmap(
         lambda s: batch_indices(jax.random.fold_in(data_key, s), step, shard_size, per_shard)

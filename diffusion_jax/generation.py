@@ -34,10 +34,11 @@ def generate(
     ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w``, ``method`` and
     ``steps`` default to the config's ``guidance``, ``sampler`` and ``sample_steps``; ``timing``
     is passed to :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh``
-    (default: all devices, when there are several).
+    (default: this process's devices, when there are several; in a multi-process program pass
+    a mesh over all processes' devices and call this on every process).
     """
-    if mesh is None and jax.device_count() > 1:
-        mesh = sharding.data_mesh()
+    if mesh is None and jax.local_device_count() > 1:
+        mesh = sharding.data_mesh(jax.local_devices())
     labels = np.asarray(labels)
     return samplers.sample(
         models.denoiser(model),

@@ -60,7 +60,10 @@ def check_batch_size(batch_size: int, mesh) -> None:
 def check_num_shards(num_shards: int, mesh) -> None:
     n = mesh.devices.size
     if num_shards < 1 or n % num_shards:
-        raise ValueError(f"data shards ({num_shards}) must divide the {n} devices of the mesh")
+        raise ValueError(
+            f"data shards ({num_shards}; by default one per process) must divide the {n} devices "
+            "of the mesh; give every process the same number of devices"
+        )
 
 
 def shard_of_position(position: int, num_devices: int, num_shards: int) -> int:
@@ -106,3 +109,45 @@ def replicate(tree, mesh):
         return jax.device_put(x, target)
 
     return jax.tree_util.tree_map(put, tree)
+
+
+def all_processes(value: int) -> np.ndarray:
+    """Every process's ``value`` (an int), in process order: (P,). A collective: call on all."""
+    if jax.process_count() == 1:
+        return np.array([value])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.int64(value)))
+
+
+def same_on_all_processes(value: int) -> int:
+    """Process 0's ``value`` (an int or bool), on every process: decisions that must not differ
+    between processes (e.g. what a shared folder holds, seen through different caches)."""
+    return type(value)(all_processes(value)[0])
+
+
+def check_shared_folder(folder: str) -> None:
+    """Raise ValueError on every process unless all processes see the same ``folder`` (process
+    0 writes a file there that the others must read). A collective: call on all."""
+    import os
+
+    nonce = int(same_on_all_processes(int.from_bytes(os.urandom(4), "little")))
+    path = os.path.join(folder, ".shared_check")
+    if is_main_process():
+        with open(path, "w") as f:
+            f.write(str(nonce))
+    all_processes(0)  # a barrier: the file is written before anyone reads it
+    try:
+        with open(path) as f:
+            ok = f.read() == str(nonce)
+    except OSError:
+        ok = False
+    seen = all_processes(int(ok))
+    if is_main_process():
+        os.remove(path)
+    if not seen.all():
+        raise ValueError(
+            f"processes {np.flatnonzero(seen == 0).tolist()} do not see the files process 0 "
+            f"writes in {folder!r}; with several hosts the workdir must be a folder they all "
+            "share (e.g. an NFS mount)"
+        )

@@ -277,6 +277,30 @@ def workdir_lock(workdir: str):
             pass
 
 
+@contextlib.contextmanager
+def _run_lock(workdir: str):
+    """:func:`workdir_lock`, taken by process 0; with several processes all of them learn
+    whether it was taken (so none goes on alone) and check that they share the workdir."""
+    if jax.process_count() == 1:
+        with workdir_lock(workdir):
+            yield
+        return
+    with contextlib.ExitStack() as stack:
+        error = None
+        if sharding.is_main_process():
+            try:
+                stack.enter_context(workdir_lock(workdir))
+            except checkpoints.CheckpointError as e:
+                error = e
+        if not sharding.same_on_all_processes(error is None):
+            raise error or checkpoints.CheckpointError(
+                f"process 0 could not lock {workdir!r} (another run is writing to it; see the "
+                "error of process 0)"
+            )
+        sharding.check_shared_folder(workdir)
+        yield
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -288,10 +312,16 @@ def _alive(pid: int) -> bool:
 
 
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between dispatches."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between dispatches.
+
+    With several processes the loop acts on a signal only through :meth:`agree`, which every
+    process calls after every dispatch: a checkpoint is a collective operation, so all of them
+    must stop at the same step, whichever of them received the signal.
+    """
 
     def __init__(self):
-        self.signal = None
+        self.signal = None  # what the loop acts on
+        self.received = None
         self._previous = {}
 
     def __enter__(self):
@@ -303,16 +333,16 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        self.received = signum
+        if jax.process_count() == 1:
+            self.signal = signum
 
     def agree(self) -> None:
-        """With several processes: a signal received by any of them stops all of them (a
-        checkpoint is a collective operation, so they must stop at the same step)."""
-        from jax.experimental import multihost_utils
-
-        signals = multihost_utils.process_allgather(np.int32(self.signal or 0))
-        if self.signal is None and np.any(signals):
-            self.signal = int(np.max(signals))
+        """Set ``signal`` if any process has received one (a collective: call on all)."""
+        if jax.process_count() > 1:
+            signals = sharding.all_processes(self.received or 0)
+            if np.any(signals):
+                self.signal = int(np.max(signals))
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -379,7 +409,7 @@ def train(
     if not main:
         log, progress = (lambda *a, **k: None), False
     num_shards = jax.process_count() if data_shards is None else data_shards
-    with workdir_lock(workdir) if main else contextlib.nullcontext():
+    with _run_lock(workdir):
         return _train(
             workdir,
             preset,
@@ -398,9 +428,13 @@ def _train(
 ):
     ckpt_dir = os.path.join(workdir, checkpoints.SUBDIR)
     saved, saved_step, mngr = None, None, None
-    if os.path.isdir(ckpt_dir):
+    # (process 0's view, so that every process restores the same step or none)
+    if sharding.same_on_all_processes(os.path.isdir(ckpt_dir)):
         mngr = checkpoints.manager(ckpt_dir)
-        saved_step = mngr.latest_step()
+        saved_step = sharding.same_on_all_processes(
+            -1 if mngr.latest_step() is None else mngr.latest_step()
+        )
+        saved_step = None if saved_step < 0 else saved_step
         if saved_step is not None:
             saved, _ = checkpoints.read_meta(mngr, ckpt_dir, saved_step)
     config = resolve_config(saved, preset, overrides or {}, allow_config_change)
@@ -480,8 +514,7 @@ def _train(
                     grid_fn(
                         state.ema_params, os.path.join(workdir, "samples", f"step_{step:07d}.png")
                     )
-                if jax.process_count() > 1 and step % config.log_every == 0:
-                    stop.agree()
+                stop.agree()
                 stopping = stop.signal is not None or (stop_after is not None and step >= end)
                 if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
                     checkpoints.save(

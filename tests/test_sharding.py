@@ -4,8 +4,10 @@ Each configuration runs in its own subprocess, since the device count (and the d
 runtime) is fixed when jax starts. The model is the toy2d MLP, so compiling is quick.
 """
 
+import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,7 +20,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import sys, json, jax, numpy as np
-    from diffusion_jax import generation, sharding, training
+    from diffusion_jax import generation, models, samplers, sharding, training
+    from diffusion_jax.schedules import respace
     workdir, devices, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if len(sys.argv) > 4:
         sharding.initialize_distributed(sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
@@ -28,40 +31,70 @@ SCRIPT = textwrap.dedent(
     result = training.train(workdir, preset="toy2d", overrides=overrides, progress=False,
                             log=print, data_shards=shards)
     # 9 samples: padded to a multiple of the device count, then cut back
-    samples = generation.generate(result.config, training.models.build_model(result.config),
-                                  result.state.ema_params, (2,), np.arange(9) % 5,
-                                  jax.random.PRNGKey(3), steps=10, w=1.0)
+    model, mesh = models.build_model(result.config), sharding.data_mesh()
+    samples = generation.generate(result.config, model, result.state.ema_params, (2,),
+                                  np.arange(9) % 5, jax.random.PRNGKey(3), steps=10, w=1.0,
+                                  mesh=mesh)
     out = {"samples": sharding.to_host(samples.samples).tolist(),
            "params": [np.asarray(x).tolist() for x in
                       jax.tree_util.tree_leaves(result.state.params)]}
+    if jax.process_count() == 1:  # per-sample w and snapshots, with and without the mesh
+        kw = dict(num_classes=5, labels=np.arange(9) % 5, w=np.linspace(0, 2, 9),
+                  method="ddpm", num_snapshots=3)
+        args = (models.denoiser(model), result.state.ema_params, respace("cosine", 50, 10),
+                jax.random.PRNGKey(4), (9, 2))
+        one, split = samplers.sample(*args, **kw), samplers.sample(*args, mesh=mesh, **kw)
+        assert split.snapshots.shape == (3, 9, 2), split.snapshots.shape
+        np.testing.assert_allclose(split.snapshots, one.snapshots, rtol=1e-4, atol=1e-5)
     with open(f"{workdir}.{jax.process_index()}.json", "w") as f:
         json.dump(out, f)
     """
 )
 
 
-def launch(workdir, devices, shards, *distributed):
+def launch(tmp_path, name, devices, script_args):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
     }
-    args = [sys.executable, "-c", SCRIPT, workdir, str(devices), str(shards), *distributed]
-    return subprocess.Popen(
-        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    # output to files, not pipes: one chatty process must not block on a pipe nobody reads
+    log = open(tmp_path / f"{name}.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", *script_args], env=env, stdout=log, stderr=subprocess.STDOUT
     )
+    return proc, log
 
 
-def finish(proc):
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return out
+def finish(*launched):
+    """Wait for all; their output (without gloo's connection messages). Kills the others if
+    one fails."""
+    outputs = []
+    try:
+        for proc, log in launched:
+            proc.wait(timeout=300)
+            log.seek(0)
+            text = log.read()
+            assert proc.returncode in (0, 130), text[-3000:]
+            outputs.append((proc.returncode, [ln for ln in text.splitlines() if "Gloo" not in ln]))
+    finally:
+        for proc, log in launched:
+            proc.kill()
+            log.close()
+    return outputs
 
 
-def run(tmp_path, name, devices, shards=1):
+def train(tmp_path, name, devices, shards=1, distributed=()):
     workdir = str(tmp_path / name)
-    finish(launch(workdir, devices, shards))
-    return read(workdir, 0)
+    if not distributed:
+        finish(launch(tmp_path, name, devices, [SCRIPT, workdir, str(devices), str(shards)]))
+        return read(workdir, 0)
+    coordinator = f"localhost:{free_port()}"
+    args = [SCRIPT, workdir, str(devices), str(shards), coordinator, str(distributed)]
+    outputs = finish(
+        *[launch(tmp_path, f"{name}{i}", devices, [*args, str(i)]) for i in range(distributed)]
+    )
+    return [read(workdir, i) for i in range(distributed)], outputs
 
 
 def read(workdir, process):
@@ -82,41 +115,86 @@ def assert_same(a, b):
     np.testing.assert_allclose(samples_b, samples_a, rtol=1e-3, atol=1e-4)
 
 
-def test_eight_devices_match_one(tmp_path):
-    """Same losses, parameters and samples (9, padded to 16 over 8 devices) as one device."""
-    assert_same(run(tmp_path, "dev1", 1), run(tmp_path, "dev8", 8))
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
 
+def test_eight_devices_match_one(tmp_path):
+    """Same losses, parameters and samples (9, padded to 16 over 8 devices) as one device."""
+    assert_same(train(tmp_path, "dev1", 1), train(tmp_path, "dev8", 8))
+
+
 def test_two_processes_match_one_process_with_two_shards(tmp_path):
-    """Two CPU processes (jax.distributed on localhost, gloo collectives), each holding its own
-    half of the data on its one device, against one process whose two devices hold the same two
-    halves: the same losses, parameters and samples. Only process 0 writes the metrics."""
-    workdir = str(tmp_path / "multi")
-    coordinator = f"localhost:{free_port()}"
-    procs = [launch(workdir, 1, 2, coordinator, "2", str(i)) for i in range(2)]
-    outputs = [finish(p) for p in procs]
-    printed = [
-        [line for line in out.splitlines() if not line.startswith("[Gloo]")] for out in outputs
-    ]
-    assert "training mlp on toy2d" in printed[0][0] and printed[1] == []  # process 0 logs
-    multi = read(workdir, 0)
-    np.testing.assert_array_equal(read(workdir, 1)[2], multi[2])  # both gathered all samples
-    assert_same(run(tmp_path, "shards2", 2, shards=2), multi)
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["6"]
-    assert not os.path.exists(os.path.join(workdir, ".train.lock"))
+    """Two CPU processes (jax.distributed on localhost, gloo collectives) with two devices each,
+    each process holding its own half of the data, against one process whose two devices hold
+    the same two halves: the same losses, parameters and samples. Only process 0 writes."""
+    (multi, multi1), outputs = train(tmp_path, "multi", 2, shards=2, distributed=2)
+    assert "training mlp on toy2d" in outputs[0][1][0] and outputs[1][1] == []
+    np.testing.assert_array_equal(multi1[2], multi[2])  # both gathered all the samples
+    assert_same(train(tmp_path, "shards2", 2, shards=2), multi)
+    workdir = tmp_path / "multi"
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["6"]
+    assert not (workdir / ".train.lock").exists() and not (workdir / ".shared_check").exists()
 
 
-def test_one_shard_per_process_is_balanced():
+STOP_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, threading, jax
+    from diffusion_jax import sharding, training
+    sharding.initialize_distributed(sys.argv[2], 2, int(sys.argv[3]))
+    if jax.process_index() == 1:  # only process 1 is signalled, a while into training
+        threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    overrides = dict(num_steps=100_000, steps_per_dispatch=1, log_every=1000, mlp_hidden=32,
+                     mlp_layers=2, num_timesteps=50, batch_size=64, checkpoint_every=100_000)
+    result = training.train(sys.argv[1], preset="toy2d", overrides=overrides, progress=False)
+    print("stopped at", int(result.state.step), result.interrupted, flush=True)
+    sys.exit(130 if result.interrupted else 0)
+    """
+)
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+    workdir, coordinator = str(tmp_path / "stop"), f"localhost:{free_port()}"
+    outputs = finish(
+        *[
+            launch(tmp_path, f"stop{i}", 1, [STOP_SCRIPT, workdir, coordinator, str(i)])
+            for i in range(2)
+        ]
+    )
+    stopped = [[ln for ln in lines if ln.startswith("stopped at")] for _, lines in outputs]
+    assert [code for code, _ in outputs] == [130, 130], outputs
+    assert stopped[0] == stopped[1] and stopped[0][0].endswith("True"), stopped
+    step = stopped[0][0].split()[2]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [step]
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {step}" in "\n".join(outputs[0][1])
+
+
+def test_one_shard_is_the_single_device_order():
+    import jax
+
     from diffusion_jax import data
 
-    rows = [data.shard_rows(10, s, 3) for s in range(3)]
-    assert [r.tolist() for r in rows] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    key = jax.random.PRNGKey(5)
+    for step in (0, 7, 31):  # several epochs of 10 batches
+        np.testing.assert_array_equal(
+            data.shard_batch_indices(key, step, 100, 10, 1)[0],
+            data.batch_indices(key, step, 100, 10),
+        )
+    two = np.asarray(data.shard_batch_indices(key, 3, 50, 10, 2))
+    assert two.shape == (2, 5) and not np.array_equal(two[0], two[1])
+
+
+def test_shards_are_disjoint_equal_and_balanced():
+    from diffusion_jax import data
+
+    labels = np.repeat(np.arange(10), 31)  # a data set stored sorted by class
+    shards = [data.shard_rows(len(labels), s, 4) for s in range(4)]
+    assert {len(r) for r in shards} == {len(labels) // 4}
+    assert len(np.unique(np.concatenate(shards))) == 4 * (len(labels) // 4)
+    for rows in shards:
+        assert np.bincount(labels[rows], minlength=10).min() >= 7  # every class, about evenly
 
 
 def test_batch_and_shards_must_divide_over_devices():
@@ -131,3 +209,20 @@ def test_batch_and_shards_must_divide_over_devices():
     sharding.check_num_shards(4, EightDevices())
     with pytest.raises(ValueError, match="must divide the 8 devices"):
         sharding.check_num_shards(3, EightDevices())
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (dict(coordinator_address="h:1", num_processes=2), "go together"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"in \[0, 2\)"),
+    ],
+)
+def test_incomplete_distributed_flags(flags, match):
+    from diffusion_jax import cli
+
+    args = argparse.Namespace(
+        distributed=False, coordinator_address=None, num_processes=None, process_id=None
+    )
+    with pytest.raises(ValueError, match=match):
+        cli.start_distributed(argparse.Namespace(**{**vars(args), **flags}))
