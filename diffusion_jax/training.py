@@ -488,6 +488,7 @@ def _train(
     grid_fn = _sample_grid_fn(config, model, dataset, mesh) if config.sample_every else None
     metrics = _MetricsLog(workdir, config, start, progress, write=main)
     step, interrupted = start, False
+    cpu_collectives = jax.local_device_count() > 1 and jax.local_devices()[0].platform == "cpu"
     try:
         with _StopFlag() as stop:
             # (logged once signals are caught, so a Ctrl-C from here on writes a checkpoint)
@@ -499,6 +500,11 @@ def _train(
                 # Chunks end on every logging/checkpoint/sample boundary, so those are exact.
                 n = min(config.steps_per_dispatch, end - step, *[e - step % e for e in events if e])
                 state, loss_sum, grad_norm = train_steps(state, train_x, train_y, n)
+                if cpu_collectives:
+                    # XLA:CPU deadlocks in the all-reduce when many dispatches of a multi-device
+                    # program are queued (jax 0.10.2, 2 virtual devices, ~50 dispatches in), so
+                    # each dispatch finishes before the next is queued.
+                    jax.block_until_ready(loss_sum)
                 step += n
                 metrics.add(n, loss_sum)
                 if step % config.log_every == 0 or step == end:

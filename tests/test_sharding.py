@@ -56,7 +56,8 @@ def launch(tmp_path, name, devices, script_args):
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=0",  # as conftest.py: tiny programs compile faster
     }
     # output to files, not pipes: one chatty process must not block on a pipe nobody reads
     log = open(tmp_path / f"{name}.log", "w+")
@@ -131,7 +132,9 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path):
     each process holding its own half of the data, against one process whose two devices hold
     the same two halves: the same losses, parameters and samples. Only process 0 writes."""
     (multi, multi1), outputs = train(tmp_path, "multi", 2, shards=2, distributed=2)
-    assert "training mlp on toy2d" in outputs[0][1][0] and outputs[1][1] == []
+    # process 0 logs; process 1 prints nothing of ours (gloo's threads print interleaved lines)
+    assert "training mlp on toy2d" in "\n".join(outputs[0][1])
+    assert "training" not in "\n".join(outputs[1][1])
     np.testing.assert_array_equal(multi1[2], multi[2])  # both gathered all the samples
     assert_same(train(tmp_path, "shards2", 2, shards=2), multi)
     workdir = tmp_path / "multi"
@@ -139,36 +142,70 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path):
     assert not (workdir / ".train.lock").exists() and not (workdir / ".shared_check").exists()
 
 
+# argv: workdir, coordinator ("-": one process with two devices), process id, stop_after
+# ("0": none; process 1 is then sent SIGTERM once training is under way)
 STOP_SCRIPT = textwrap.dedent(
     """
-    import os, signal, sys, threading, jax
+    import os, signal, sys, threading, time, jax, numpy as np
     from diffusion_jax import sharding, training
-    sharding.initialize_distributed(sys.argv[2], 2, int(sys.argv[3]))
-    if jax.process_index() == 1:  # only process 1 is signalled, a while into training
-        threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    overrides = dict(num_steps=100_000, steps_per_dispatch=1, log_every=1000, mlp_hidden=32,
+    workdir, coordinator, process, stop_after = sys.argv[1:5]
+    if coordinator != "-":
+        sharding.initialize_distributed(coordinator, 2, int(process))
+    def signal_once_training():  # the first metrics (step 20) show training is under way
+        while not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    if stop_after == "0" and jax.process_index() == 1:
+        threading.Thread(target=signal_once_training, daemon=True).start()
+    overrides = dict(num_steps=100_000, steps_per_dispatch=1, log_every=20, mlp_hidden=32,
                      mlp_layers=2, num_timesteps=50, batch_size=64, checkpoint_every=100_000)
-    result = training.train(sys.argv[1], preset="toy2d", overrides=overrides, progress=False)
-    print("stopped at", int(result.state.step), result.interrupted, flush=True)
+    result = training.train(workdir, preset="toy2d", overrides=overrides, progress=False,
+                            data_shards=2, stop_after=int(stop_after) or None)
+    total = sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree_util.tree_leaves(
+        result.state.params))
+    print("stopped at", int(result.state.step), result.interrupted, repr(total), flush=True)
     sys.exit(130 if result.interrupted else 0)
     """
 )
 
 
-def test_a_signal_to_one_process_stops_both_at_the_same_step(tmp_path):
+def run_stop_script(tmp_path, name, stop_after, processes=2):
     workdir, coordinator = str(tmp_path / "stop"), f"localhost:{free_port()}"
+    if processes == 1:
+        workdir, coordinator = str(tmp_path / name), "-"
     outputs = finish(
         *[
-            launch(tmp_path, f"stop{i}", 1, [STOP_SCRIPT, workdir, coordinator, str(i)])
-            for i in range(2)
+            launch(
+                tmp_path,
+                f"{name}{i}",
+                3 - processes,
+                [STOP_SCRIPT, workdir, coordinator, str(i), str(stop_after)],
+            )
+            for i in range(processes)
         ]
     )
-    stopped = [[ln for ln in lines if ln.startswith("stopped at")] for _, lines in outputs]
+    ends = [
+        [ln.split()[2:] for ln in lines if ln.startswith("stopped at")][0] for _, lines in outputs
+    ]
+    return workdir, outputs, ends
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume(tmp_path):
+    """SIGTERM to process 1 only: both stop after the same step with a checkpoint. Resumed by
+    two processes for three more steps, they reach the parameters of one process (two devices,
+    the same two shards) that ran straight through."""
+    workdir, outputs, ends = run_stop_script(tmp_path, "stop", 0)
     assert [code for code, _ in outputs] == [130, 130], outputs
-    assert stopped[0] == stopped[1] and stopped[0][0].endswith("True"), stopped
-    step = stopped[0][0].split()[2]
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == [step]
+    assert ends[0] == ends[1] and ends[0][1] == "True", ends
+    step = int(ends[0][0])
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
     assert f"stopped by signal {int(signal.SIGTERM)} at step {step}" in "\n".join(outputs[0][1])
+
+    _, outputs, resumed = run_stop_script(tmp_path, "resume", step + 3)
+    assert f"resumed {workdir} at step {step}" in "\n".join(outputs[0][1])
+    _, _, straight = run_stop_script(tmp_path, "straight", step + 3, processes=1)
+    assert resumed[0] == resumed[1] and int(resumed[0][0]) == step + 3 == int(straight[0][0])
+    np.testing.assert_allclose(float(resumed[0][2]), float(straight[0][2]), rtol=1e-6)
 
 
 def test_one_shard_is_the_single_device_order():
