@@ -156,7 +156,7 @@ _CPU = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     # the GPU default, sized for quality
     "mnist": {},
-    # recognisable digits after a short run on a laptop CPU; reads the offline 5k MNIST digits
+    # a short CPU run (30 minutes on 2 cores gives rough digits); reads the offline 5k MNIST digits
     "cpu": _CPU,
     "fashion_mnist": dict(dataset="fashion_mnist", channels=96, num_steps=50_000),
     "toy2d": dict(

@@ -9,6 +9,7 @@ process, and each process puts only its own shard on its devices.
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -129,9 +130,7 @@ def same_on_all_processes(value: int) -> int:
 def check_shared_folder(folder: str) -> None:
     """Raise ValueError on every process unless all processes see the same ``folder`` (process
     0 writes a file there that the others must read). A collective: call on all."""
-    import os
-
-    nonce = int(same_on_all_processes(int.from_bytes(os.urandom(4), "little")))
+    nonce = same_on_all_processes(int.from_bytes(os.urandom(4), "little"))
     path = os.path.join(folder, ".shared_check")
     if is_main_process():
         with open(path, "w") as f:

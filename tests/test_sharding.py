@@ -143,22 +143,23 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path):
 
 
 # argv: workdir, coordinator ("-": one process with two devices), process id, stop_after
-# ("0": none; process 1 is then sent SIGTERM once training is under way)
+# ("0": none; process 1 is then sent SIGTERM once training is under way), log_every
 STOP_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, threading, time, jax, numpy as np
     from diffusion_jax import sharding, training
-    workdir, coordinator, process, stop_after = sys.argv[1:5]
+    workdir, coordinator, process, stop_after, log_every = sys.argv[1:6]
     if coordinator != "-":
         sharding.initialize_distributed(coordinator, 2, int(process))
-    def signal_once_training():  # the first metrics (step 20) show training is under way
+    def signal_once_training():  # the first metrics show training is under way
         while not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
             time.sleep(0.1)
         os.kill(os.getpid(), signal.SIGTERM)
     if stop_after == "0" and jax.process_index() == 1:
         threading.Thread(target=signal_once_training, daemon=True).start()
-    overrides = dict(num_steps=100_000, steps_per_dispatch=1, log_every=20, mlp_hidden=32,
-                     mlp_layers=2, num_timesteps=50, batch_size=64, checkpoint_every=100_000)
+    overrides = dict(num_steps=100_000, steps_per_dispatch=1, log_every=int(log_every),
+                     mlp_hidden=32, mlp_layers=2, num_timesteps=50, batch_size=64,
+                     checkpoint_every=100_000)
     result = training.train(workdir, preset="toy2d", overrides=overrides, progress=False,
                             data_shards=2, stop_after=int(stop_after) or None)
     total = sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree_util.tree_leaves(
@@ -169,7 +170,7 @@ STOP_SCRIPT = textwrap.dedent(
 )
 
 
-def run_stop_script(tmp_path, name, stop_after, processes=2):
+def run_stop_script(tmp_path, name, stop_after, processes=2, log_every=20):
     workdir, coordinator = str(tmp_path / "stop"), f"localhost:{free_port()}"
     if processes == 1:
         workdir, coordinator = str(tmp_path / name), "-"
@@ -179,7 +180,7 @@ def run_stop_script(tmp_path, name, stop_after, processes=2):
                 tmp_path,
                 f"{name}{i}",
                 3 - processes,
-                [STOP_SCRIPT, workdir, coordinator, str(i), str(stop_after)],
+                [STOP_SCRIPT, workdir, coordinator, str(i), str(stop_after), str(log_every)],
             )
             for i in range(processes)
         ]
@@ -206,6 +207,14 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step_and_they_resume(tmp
     _, _, straight = run_stop_script(tmp_path, "straight", step + 3, processes=1)
     assert resumed[0] == resumed[1] and int(resumed[0][0]) == step + 3 == int(straight[0][0])
     np.testing.assert_allclose(float(resumed[0][2]), float(straight[0][2]), rtol=1e-6)
+
+
+def test_many_queued_dispatches_on_two_cpu_devices_finish(tmp_path):
+    """XLA:CPU's in-process all-reduce deadlocked once ~50 dispatches of a two-device train step
+    were queued (jax 0.10.2), so training on CPU devices waits for each dispatch. 150 one-step
+    dispatches with no logging (no other sync) in between must finish."""
+    _, outputs, ends = run_stop_script(tmp_path, "queued", 150, processes=1, log_every=1000)
+    assert outputs[0][0] == 130 and ends[0][0] == "150", ends
 
 
 def test_one_shard_is_the_single_device_order():
