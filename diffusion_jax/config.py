@@ -36,6 +36,7 @@ class Config:
     num_heads: int = 4
     dropout: float = 0.1
     num_groups: int = 8
+    patch_size: int = 1  # U-Net on p x p patches folded into channels (see unet.UNet)
     mlp_hidden: int = 256
     mlp_layers: int = 4
     dtype: str = "float32"  # activation dtype; parameters and sampler arithmetic stay float32
@@ -45,6 +46,7 @@ class Config:
     prediction: str = "eps"
     loss_type: str = "l2"
     weighting: str = "simple"
+    min_snr_gamma: float = 5.0  # used by weighting="min_snr"
     p_uncond: float = 0.1
     # optimisation
     batch_size: int = 128
@@ -101,6 +103,7 @@ class Config:
             "sample_steps",
             "num_heads",
             "num_groups",
+            "patch_size",
             "mlp_hidden",
             "max_nonfinite_steps",
         )
@@ -129,6 +132,10 @@ class Config:
             raise ValueError("toy2d data goes with model='mlp', images with model='unet'")
         if self.weighting == "vlb" and self.prediction != "mean":
             raise ValueError("weighting='vlb' applies to prediction='mean' only")
+        if self.weighting == "min_snr" and self.prediction == "mean":
+            raise ValueError("weighting='min_snr' applies to prediction eps, v or x0, not 'mean'")
+        if not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         return self
 
 

@@ -16,7 +16,25 @@ from diffusion_jax import diffusion
 from diffusion_jax.schedules import Schedule
 
 LOSS_TYPES = ("l2", "l1")
-WEIGHTINGS = ("simple", "vlb")
+WEIGHTINGS = ("simple", "vlb", "min_snr")
+
+
+def min_snr_weight(snr: jnp.ndarray, gamma: float, prediction: str) -> jnp.ndarray:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, arXiv 2303.09556) for a network that
+    predicts ``prediction``: the x0-space weight min(SNR, gamma), expressed in the space the loss
+    is computed in (eps: / SNR; v: / (SNR + 1); x0: as is). Same shape as ``snr``.
+
+    It caps the weight of the low-noise steps, which are easy and dominate the x0-space error,
+    so that steps at different noise levels stop competing for the gradient.
+    """
+    clipped = jnp.minimum(snr, gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "v":
+        return clipped / (snr + 1.0)
+    if prediction == "x0":
+        return clipped
+    raise ValueError(f"min_snr weighting applies to eps, v or x0 prediction, not {prediction!r}")
 
 
 def check_loss_config(prediction: str, loss_type: str, weighting: str) -> None:
@@ -29,6 +47,11 @@ def check_loss_config(prediction: str, loss_type: str, weighting: str) -> None:
         raise ValueError(
             "weighting='vlb' (the 1/(2 sigma_t^2)-weighted loss) applies to prediction='mean' "
             f"only; use weighting='simple' for prediction={prediction!r}"
+        )
+    if weighting == "min_snr" and prediction == "mean":
+        raise ValueError(
+            "weighting='min_snr' applies to prediction eps, v or x0; use weighting='vlb' or "
+            "'simple' for prediction='mean'"
         )
 
 
@@ -52,6 +75,7 @@ def diffusion_loss(
     loss_type: str = "l2",
     weighting: str = "simple",
     p_uncond: float = 0.1,
+    min_snr_gamma: float = 5.0,
     **denoise_kwargs,
 ):
     """The mean training loss over a batch, and per-example losses.
@@ -64,7 +88,8 @@ def diffusion_loss(
       prediction: what the network outputs, one of ``diffusion.PREDICTIONS``.
       loss_type: "l2" (squared error) or "l1", averaged over the non-batch axes.
       weighting: "simple" (unweighted, Ho et al.'s L_simple) or, for ``prediction="mean"``,
-        "vlb": the squared error of the mean divided by 2 sigma_t^2 with sigma_t^2 = beta_t.
+        "vlb": the squared error of the mean divided by 2 sigma_t^2 with sigma_t^2 = beta_t;
+        or "min_snr" (eps, v and x0 prediction): :func:`min_snr_weight` with ``min_snr_gamma``.
       p_uncond: probability of replacing a label by ``null_label`` (classifier-free guidance).
       denoise_kwargs: passed to ``denoise_fn`` (e.g. ``rngs`` for dropout).
 
@@ -87,4 +112,7 @@ def diffusion_loss(
     per_example = err.reshape(batch, -1).mean(axis=1)
     if weighting == "vlb":
         per_example = per_example / (2.0 * schedule.betas[k])
+    elif weighting == "min_snr":
+        snr = jnp.square(schedule.sqrt_alpha_bar[k] / schedule.sqrt_one_minus_alpha_bar[k])
+        per_example = per_example * min_snr_weight(snr, min_snr_gamma, prediction)
     return per_example.mean(), per_example

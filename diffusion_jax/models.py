@@ -31,6 +31,7 @@ def build_model(config) -> nn.Module:
         num_heads=config.num_heads,
         dropout=config.dropout,
         num_groups=config.num_groups,
+        patch_size=config.patch_size,
         dtype=dtype,
     )
 

@@ -166,6 +166,7 @@ def _make_train_steps(config, mesh, num_shards):
                 prediction=config.prediction,
                 loss_type=config.loss_type,
                 weighting=config.weighting,
+                min_snr_gamma=config.min_snr_gamma,
                 p_uncond=config.p_uncond,
                 rngs={"dropout": key_dropout},
             )

@@ -3,7 +3,8 @@
 Call signature: ``UNet(...).apply(params, x, t, labels, train=False, rngs=...)`` with x (B, H, W, C)
 in any float dtype, t int32 (B,) training timesteps, labels int32 (B,) in [0, num_classes] (the last
 value is the null label); returns (B, H, W, out_channels) float32. H and W must be divisible by
-2 ** (len(channel_mults) - 1): 28 -> 14 -> 7 with three levels.
+patch_size * 2 ** (len(channel_mults) - 1): 28 -> 14 -> 7 with three levels, or with patch_size=2
+and two levels.
 """
 
 from __future__ import annotations
@@ -14,6 +15,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.embeddings import Conditioning
+
+
+def space_to_depth(x: jnp.ndarray, p: int) -> jnp.ndarray:
+    """Non-overlapping p x p patches as channels: (B, H, W, C) -> (B, H/p, W/p, p*p*C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def depth_to_space(x: jnp.ndarray, p: int) -> jnp.ndarray:
+    """The inverse of :func:`space_to_depth`: (B, H, W, p*p*C) -> (B, H*p, W*p, C)."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c // (p * p))
 
 
 class ResBlock(nn.Module):
@@ -65,6 +80,10 @@ class UNet(nn.Module):
       dropout: dropout rate inside residual blocks (active only with ``train=True``).
       num_groups: GroupNorm groups; must divide every level's width.
       out_channels: output channels; None = as many as the input.
+      patch_size: the network works on non-overlapping p x p patches folded into channels
+        (:func:`space_to_depth`) and unfolds its output the same way. p = 2 moves all the work
+        off the full 28x28 grid, where XLA:CPU's convolutions are slowest (docs/BENCHMARKS.md);
+        1 is the plain U-Net. ``attention_resolutions`` count the patched grid (14, 7 for p=2).
       dtype: activation dtype (jnp.bfloat16 for mixed precision); parameters stay float32.
     """
 
@@ -77,18 +96,22 @@ class UNet(nn.Module):
     dropout: float = 0.1
     num_groups: int = 8
     out_channels: int | None = None
+    patch_size: int = 1
     dtype: jnp.dtype = jnp.float32
 
     def check_input_shape(self, shape) -> None:
         """Raise ValueError if images of ``shape`` (B, H, W, C) cannot pass through this U-Net."""
         if len(shape) != 4:
             raise ValueError(f"UNet expects NHWC images (B, H, W, C), got shape {tuple(shape)}")
-        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        factor = self.patch_size * 2 ** (len(self.channel_mults) - 1)
         if shape[1] % factor or shape[2] % factor:
             raise ValueError(
-                f"UNet with channel_mults={tuple(self.channel_mults)} downsamples by {factor}: "
-                f"height and width must be divisible by {factor}, got {shape[1]}x{shape[2]} "
-                "(e.g. 28x28 works with 3 levels, 32x32 with up to 6)"
+                f"UNet with channel_mults={tuple(self.channel_mults)} and patch_size="
+                f"{self.patch_size} downsamples by {factor}: height and width must be divisible "
+                f"by {factor}, got {shape[1]}x{shape[2]} (e.g. 28x28 works with 3 levels, or "
+                "with 2 levels and patch_size 2; 32x32 with up to 6 levels)"
             )
         for width in [self.channels] + [self.channels * m for m in self.channel_mults]:
             if width % self.num_groups:
@@ -97,7 +120,7 @@ class UNet(nn.Module):
                     f"(channels and channels * mult), not {width}"
                 )
         # attention runs at the bottom level and at attention_resolutions
-        widths = {shape[1] // 2**i: self.channels * m for i, m in enumerate(self.channel_mults)}
+        widths = {shape[1] // self.patch_size // 2**i: self.channels * m for i, m in enumerate(self.channel_mults)}
         bottom = self.channels * self.channel_mults[-1]
         for width in [bottom] + [w for r, w in widths.items() if r in self.attention_resolutions]:
             if width % self.num_heads:
@@ -111,7 +134,11 @@ class UNet(nn.Module):
         block = dict(num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype)
         emb = Conditioning(4 * self.channels, self.num_classes, self.dtype)(t, labels)
 
-        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="stem")(x.astype(self.dtype))
+        p = self.patch_size
+        h = x.astype(self.dtype)
+        if p > 1:
+            h = space_to_depth(h, p)
+        h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="stem")(h)
         skips = [h]
         for level, mult in enumerate(self.channel_mults):
             for _ in range(self.num_res_blocks):
@@ -139,12 +166,14 @@ class UNet(nn.Module):
         h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype)(h))
         # Zero-initialised output: the untrained model predicts 0 (the mean of eps), a calm start.
         h = nn.Conv(
-            self.out_channels or x.shape[-1],
+            (self.out_channels or x.shape[-1]) * p * p,
             (3, 3),
             dtype=self.dtype,
             kernel_init=nn.initializers.zeros,
             name="head",
         )(h)
+        if p > 1:
+            h = depth_to_space(h, p)
         return h.astype(jnp.float32)
 
     def _maybe_attend(self, h):

@@ -81,6 +81,41 @@ def test_vlb_weighting_divides_by_two_beta():
     np.testing.assert_allclose(vlb, np.asarray(simple) / (2 * beta), rtol=1e-5)
 
 
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_min_snr_weighting_per_example(prediction):
+    """Each example's loss is scaled by min(SNR, gamma) expressed in the prediction's space
+    (float64 numpy from alpha_bar of the timesteps the network saw)."""
+    seen_t = []
+
+    def zero(p, x, t, y):
+        seen_t.append(np.asarray(t))
+        return jnp.zeros_like(x)
+
+    key, x0 = jax.random.PRNGKey(5), gaussian_batch(512)
+    kw = dict(null_label=1, prediction=prediction)
+    labels = jnp.zeros(512, jnp.int32)
+    _, simple = losses.diffusion_loss(zero, PARAMS, SCHEDULE, key, x0, labels, **kw)
+    _, weighted = losses.diffusion_loss(
+        zero, PARAMS, SCHEDULE, key, x0, labels, weighting="min_snr", min_snr_gamma=3.0, **kw
+    )
+    np.testing.assert_array_equal(seen_t[0], seen_t[1])
+    a = np.asarray(SCHEDULE.alpha_bar, np.float64)[seen_t[0]]
+    snr = a / (1 - a)
+    x0_weight = np.minimum(snr, 3.0)
+    expected = {"eps": x0_weight / snr, "v": x0_weight / (snr + 1), "x0": x0_weight}[prediction]
+    assert (expected < 1).any() and (expected > 0).all()  # the cap is active for some steps
+    np.testing.assert_allclose(weighted, np.asarray(simple) * expected, rtol=2e-5)
+
+
+def test_min_snr_eps_loss_of_zero_denoiser():
+    """With eps = 0 predicted, E[|eps|^2]/d = 1, so the loss is E_t[min(SNR, g) / SNR]."""
+    a = np.asarray(SCHEDULE.alpha_bar, np.float64)
+    snr = a / (1 - a)
+    expected = np.mean(np.minimum(snr, 5.0) / snr)
+    loss, per_example = loss_of(lambda p, x, t, y: jnp.zeros_like(x), weighting="min_snr")
+    assert abs(loss - expected) < 5 * per_example.std() / np.sqrt(per_example.size)
+
+
 def test_label_dropout_rate_under_jit():
     labels = jnp.arange(200_000, dtype=jnp.int32) % 10
     dropped = jax.jit(losses.drop_labels, static_argnums=(2, 3))(
@@ -123,6 +158,7 @@ def test_loss_sees_dropped_labels():
         (dict(loss_type="huber"), "loss_type must be one of"),
         (dict(weighting="snr"), "weighting must be one of"),
         (dict(weighting="vlb", prediction="eps"), "applies to prediction='mean'"),
+        (dict(weighting="min_snr", prediction="mean"), "applies to prediction eps, v or x0"),
     ],
 )
 def test_bad_loss_config(kw, match):

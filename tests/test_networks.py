@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import MLPDenoiser, UNet, denoiser
+from diffusion_jax.unet import depth_to_space, space_to_depth
 
 TINY = dict(
     num_classes=10,
@@ -110,6 +111,8 @@ def test_bfloat16_activations_float32_params(unet28):
         ({}, (1, 28, 28), "NHWC"),
         ({"num_groups": 3}, (1, 28, 28, 1), "num_groups=3"),
         ({"num_heads": 3}, (1, 28, 28, 1), "num_heads=3"),
+        ({"patch_size": 2}, (1, 28, 28, 1), "divisible by 8"),
+        ({"patch_size": 0}, (1, 28, 28, 1), "patch_size must be >= 1"),
     ],
 )
 def test_unet_rejects_bad_shapes(kw, shape, match):
@@ -124,3 +127,38 @@ def test_mlp_denoiser():
     assert out.shape == (4, 2) and float(jnp.abs(out).max()) == 0.0
     with pytest.raises(ValueError, match=r"\(B, D\)"):
         model.check_input_shape((4, 2, 1))
+
+
+def test_space_to_depth_layout_and_inverse():
+    """Against an explicit numpy loop: channel (di * p + dj) * C + c of patch (i, j) holds pixel
+    (i * p + di, j * p + dj, c); depth_to_space undoes it exactly."""
+    p = 2
+    x = np.random.default_rng(0).standard_normal((2, 6, 4, 3)).astype(np.float32)
+    expected = np.zeros((2, 3, 2, p * p * 3), np.float32)
+    for i in range(3):
+        for j in range(2):
+            for di in range(p):
+                for dj in range(p):
+                    expected[:, i, j, (di * p + dj) * 3 : (di * p + dj + 1) * 3] = x[
+                        :, i * p + di, j * p + dj, :
+                    ]
+    packed = space_to_depth(jnp.asarray(x), p)
+    np.testing.assert_array_equal(np.asarray(packed), expected)
+    np.testing.assert_array_equal(np.asarray(depth_to_space(packed, p)), x)
+
+
+def test_patched_unet_is_the_plain_unet_on_patches():
+    """UNet(patch_size=2) on 28x28x1 equals a plain UNet with 4 output channels applied to the
+    14x14x4 patches, its output unfolded: the same parameters, the same function."""
+    kw = {**TINY, "channel_mults": (1, 2), "attention_resolutions": (7,)}
+    patched, plain = UNet(**kw, patch_size=2), UNet(**kw, out_channels=4)
+    params = randomize_head(init(patched, (2, 28, 28, 1)), jax.random.PRNGKey(3))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        init(plain, (2, 14, 14, 4))
+    )
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 28, 28, 1))
+    t, y = jnp.array([5, 700]), jnp.array([2, 10])
+    out = jax.jit(denoiser(patched))(params, x, t, y)
+    ref = depth_to_space(jax.jit(denoiser(plain))(params, space_to_depth(x, 2), t, y), 2)
+    assert out.shape == (2, 28, 28, 1) and float(jnp.abs(out).max()) > 0
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,359 @@
+"""Sample quality against CPU-minutes: train configurations for one wall-clock budget each, then
+evaluate their checkpoints with the project's evaluator and draw every run on one plot.
+
+Each run is a preset with overrides. Its step count is sized to the budget from a speed probe
+(a few timed train steps after compilation), so the learning-rate schedule ends where the budget
+does, as it would in a run sized for that budget. Checkpoints are kept at ``--evals`` equal
+intervals and evaluated after training (evaluation time is not charged to the budget): samples
+with ``--sampler`` at guidance ``--w``, ``--per_class`` per class, metrics from
+:func:`diffusion_jax.evaluation.evaluate_images` (Frechet distance in the classifier's features
+over the real-data floor, conditional accuracy, classifier Inception Score).
+
+CPU-minutes are wall minutes from the start of a run (data loading and compilation included)
+times the cores the process may use (``os.sched_getaffinity``), so runs pinned to one core with
+``taskset -c N`` compare fairly with runs on two, and two runs can share a 2-core machine
+without spoiling each other's figures:
+
+    JAX_PLATFORMS=cpu taskset -c 0 python benchmarks/quality_vs_time.py --root runs/qvt \\
+        --budget_minutes 10 --run "baseline" --run "patch2: patch_size=2 channels=32 \\
+        channel_mults=1,2" --report docs/qvt.md --plot docs/images/qvt.png
+
+A run that already exists under ``--root`` is resumed or reused, and evaluations already made
+are read back from ``ROOT/NAME.quality.json``; so a rerun with one more ``--run`` adds only that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from benchmark import _version, cpu_model, md_table, write_output
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    name: str
+    preset: str
+    overrides: dict
+
+    @classmethod
+    def parse(cls, text: str, default_preset: str) -> RunSpec:
+        """'NAME: key=value key=value' (tuples comma-separated; preset=P picks the preset)."""
+        from diffusion_jax import config as config_lib
+
+        name, _, rest = text.partition(":")
+        name = name.strip()
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"--run {text!r}: the name must be letters, digits, - or _")
+        parser = argparse.ArgumentParser(prog=f"--run {name}", add_help=False)
+        config_lib.add_config_flags(parser)
+        flags = []
+        for item in rest.split():
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ValueError(f"--run {text!r}: {item!r} is not key=value")
+            flags += [f"--{key}", value]
+        try:
+            args = parser.parse_args(flags)
+        except SystemExit:
+            raise ValueError(f"--run {text!r}: unknown field or bad value") from None
+        preset = args.preset or default_preset
+        overrides = config_lib.config_overrides(args)
+        config_lib.get_config(preset, **overrides)  # validate now, not after an hour of training
+        return cls(name, preset, overrides)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def step_runner(config, dataset):
+    """``(run, num_params)``: ``run()`` takes one optimizer step of ``config`` on ``dataset``
+    (as :func:`diffusion_jax.training.train` does) and returns its loss once it is computed."""
+    import jax
+
+    from diffusion_jax import models, sharding, training
+
+    mesh = sharding.data_mesh()
+    model, opt = models.build_model(config), training.make_optimizer(config)
+    state = training.init_state(config, model, opt, (1, *dataset.train_x.shape[1:]))
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    box = [sharding.replicate(state, mesh)]
+    step_fn = training.make_train_steps(config, mesh, 1)
+    train_x, train_y = training.device_data(dataset, mesh, 1)
+
+    def run() -> float:
+        box[0], loss, _ = step_fn(box[0], train_x, train_y, 1)
+        return float(jax.block_until_ready(loss))
+
+    return run, num_params
+
+
+def probe_steps_per_second(config, dataset, num_steps: int = 8) -> float:
+    """Median speed of single optimizer steps of ``config`` after compilation and warm-up."""
+    run, _ = step_runner(config, dataset)
+    times = []
+    for i in range(num_steps + 2):
+        start = time.perf_counter()
+        run()
+        if i >= 2:  # the first call compiles, the second warms up
+            times.append(time.perf_counter() - start)
+    return 1.0 / float(np.median(times))
+
+
+def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int, log=print) -> dict:
+    """Train (or resume) one run for the budget; returns its record (also in ROOT/NAME.json)."""
+    from diffusion_jax import config as config_lib
+    from diffusion_jax import data, training
+
+    workdir = os.path.join(root, spec.name)
+    record_path = os.path.join(root, f"{spec.name}.json")
+    if os.path.exists(record_path):
+        with open(record_path) as f:
+            record = json.load(f)
+        if record["spec"] != dataclasses.asdict(spec):
+            raise ValueError(
+                f"{workdir} was trained with {record['spec']}, not {dataclasses.asdict(spec)}; "
+                "give the new run another name"
+            )
+    else:
+        config = config_lib.get_config(spec.preset, **spec.overrides)
+        dataset = data.load_dataset(config)
+        rate = probe_steps_per_second(config, dataset)
+        num_steps = max(evals, int(budget_minutes * 60 * rate) // evals * evals)
+        record = {
+            "spec": dataclasses.asdict(spec),
+            "budget_minutes": budget_minutes,
+            "probe_steps_per_s": rate,
+            "num_steps": num_steps,
+            "cores": cores(),
+        }
+        os.makedirs(root, exist_ok=True)
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+    every = record["num_steps"] // evals
+    overrides = dict(
+        spec.overrides,
+        num_steps=record["num_steps"],
+        checkpoint_every=every,
+        keep_every=every,
+        log_every=every,
+        sample_every=0,
+    )
+    if "train_seconds" not in record:
+        log(f"{spec.name}: {record['num_steps']} steps ({record['probe_steps_per_s']:.2f}/s)")
+        start = time.time()
+        result = training.train(
+            workdir, preset=spec.preset, overrides=overrides, progress=False, log=log
+        )
+        if result.interrupted:
+            raise KeyboardInterrupt(f"{spec.name} was interrupted; rerun to resume it")
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        # seconds from the start of the run (loading and compiling included) to each checkpoint
+        record["train_seconds"] = {str(r["step"]): r["time"] - start for r in rows}
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+    return record
+
+
+def evaluate_run(spec: RunSpec, root: str, record: dict, args, log=print) -> list[dict]:
+    """Quality of every kept checkpoint of one run (cached in quality.json by step and setting)."""
+    import jax
+
+    from diffusion_jax import classifier as classifier_lib
+    from diffusion_jax import data, evaluation, generation
+
+    workdir = os.path.join(root, spec.name)
+    cache_path = os.path.join(root, f"{spec.name}.quality.json")
+    cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
+    setting = f"{args.sampler}|w={args.w:g}|per_class={args.per_class}|seed={args.seed}"
+    rows = []
+    for step_text, seconds in sorted(record["train_seconds"].items(), key=lambda kv: int(kv[0])):
+        key = f"{step_text}|{setting}"
+        if key not in cache:
+            path = os.path.join(workdir, "checkpoints", step_text)
+            config, model, params, shape, step = generation.load_for_sampling(path)
+            dataset = data.load_dataset(config)
+            clf = classifier_lib.get_classifier(dataset, args.classifier_dir, log=log)
+            reference = _reference(clf, dataset)
+            labels = np.repeat(np.arange(config.num_classes), args.per_class)
+            method, _, k = args.sampler.partition(":")
+            out = generation.generate(
+                config,
+                model,
+                params,
+                shape,
+                labels,
+                jax.random.PRNGKey(args.seed),
+                w=args.w,
+                method=method,
+                steps=int(k) if k else None,
+            )
+            row = evaluation.evaluate_images(reference, np.asarray(out.samples), labels)
+            cache[key] = {k: row[k] for k in ("fd", "floor_fd", "accuracy", "is", "real_is", "n")}
+            with open(cache_path, "w") as f:
+                json.dump(cache, f, indent=1)
+            log(f"{spec.name} step {step_text}: {cache[key]}")
+        cpu_minutes = seconds / 60 * record["cores"]
+        rows.append(dict(cache[key], run=spec.name, step=int(step_text), cpu_minutes=cpu_minutes))
+    return rows
+
+
+_REFERENCES: dict = {}
+
+
+def _reference(clf, dataset):
+    from diffusion_jax import evaluation
+
+    if dataset.name not in _REFERENCES:
+        _REFERENCES[dataset.name] = evaluation.Reference(clf, dataset)
+    return _REFERENCES[dataset.name]
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for name in dict.fromkeys(r["run"] for r in rows):
+        run = [r for r in rows if r["run"] == name]
+        minutes = [r["cpu_minutes"] for r in run]
+        axes[0].plot(minutes, [r["accuracy"] for r in run], "o-", label=name)
+        axes[1].plot(minutes, [r["fd"] / r["floor_fd"] for r in run], "o-", label=name)
+    axes[0].set_ylabel("conditional accuracy")
+    axes[1].set_ylabel("FD / real-data floor")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("CPU-minutes (wall minutes x cores)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def report(rows, records, specs, args, argv) -> str:
+    import jax
+
+    lines = [
+        "# Sample quality against CPU-minutes",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
+        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, device "
+        f"{jax.devices()[0].device_kind}",
+        f"- python {platform.python_version()}, jax {_version('jax')}, flax {_version('flax')}, "
+        f"optax {_version('optax')}",
+        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
+        f"- evaluation: {args.sampler}, w = {args.w:g}, {args.per_class} samples per class, "
+        f"seed {args.seed}; FD over the floor of real train vs real test images of the same count",
+        "",
+    ]
+    table = []
+    for spec in specs:
+        rec = records[spec.name]
+        overrides = " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "(none)"
+        table.append(
+            [
+                spec.name,
+                spec.preset,
+                overrides,
+                rec["cores"],
+                f"{rec['probe_steps_per_s']:.2f}",
+                rec["num_steps"],
+            ]
+        )
+    lines += [
+        md_table(["run", "preset", "overrides", "cores", "probe steps/s", "steps"], table),
+        "",
+    ]
+    lines.append(
+        md_table(
+            ["run", "step", "CPU-min", "FD", "floor", "FD/floor", "accuracy", "IS", "IS real"],
+            [
+                [
+                    r["run"],
+                    r["step"],
+                    f"{r['cpu_minutes']:.1f}",
+                    f"{r['fd']:.2f}",
+                    f"{r['floor_fd']:.2f}",
+                    f"{r['fd'] / r['floor_fd']:.2f}",
+                    f"{r['accuracy']:.3f}",
+                    f"{r['is']:.2f}",
+                    f"{r['real_is']:.2f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--root", required=True, help="folder of the runs (one subfolder each)")
+    parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="'NAME: key=value ...' (config fields; preset=P); repeat for each configuration",
+    )
+    parser.add_argument("--preset", default="cpu", help="preset of runs that name none")
+    parser.add_argument("--budget_minutes", type=float, required=True, help="wall minutes a run")
+    parser.add_argument("--evals", type=int, default=3, help="checkpoints evaluated per run")
+    parser.add_argument("--sampler", default="ddim:50", help="SAMPLER:STEPS of the evaluation")
+    parser.add_argument("--w", type=float, default=1.0, help="guidance weight of the evaluation")
+    parser.add_argument("--per_class", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--classifier_dir", default=None)
+    parser.add_argument("--report", help="markdown report to write (never overwritten)")
+    parser.add_argument("--plot", help="PNG to write (never overwritten)")
+    args = parser.parse_args(argv)
+    if not args.budget_minutes > 0 or args.evals < 1 or args.per_class < 1:
+        parser.error("--budget_minutes must be > 0, --evals and --per_class >= 1")
+    for path in (args.report, args.plot):
+        if path and os.path.exists(path):
+            parser.error(f"{path} exists; choose another name (outputs are never overwritten)")
+    try:
+        specs = [RunSpec.parse(text, args.preset) for text in args.run]
+    except ValueError as e:
+        parser.error(str(e))
+    if len({s.name for s in specs}) != len(specs):
+        parser.error("two --run share a name")
+
+    records, rows = {}, []
+    for spec in specs:
+        records[spec.name] = train_run(spec, args.root, args.budget_minutes, args.evals)
+    for spec in specs:
+        rows += evaluate_run(spec, args.root, records[spec.name], args)
+    text = report(rows, records, specs, args, argv)
+    print(text)
+    if args.report:
+        write_output(args.report, text, overwrite=False)
+    if args.plot:
+        plot(rows, args.plot, f"mnist5k, {args.sampler}, w = {args.w:g}, {args.per_class}/class")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
