@@ -228,6 +228,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for name in dict.fromkeys(r["run"] for r in rows):
@@ -238,6 +239,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     axes[0].set_ylabel("conditional accuracy")
     axes[1].set_ylabel("FD / real-data floor")
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[1].yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     for ax in axes:
         ax.set_xlabel("CPU-minutes (wall minutes x cores)")
         ax.grid(alpha=0.3)

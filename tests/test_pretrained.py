@@ -12,7 +12,8 @@ PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "pretrained", "mnist5
 
 def test_shipped_checkpoint_samples():
     config, model, params, shape, step = generation.load_for_sampling(PRETRAINED)
-    assert (step, shape, config.dataset) == (1500, (28, 28, 1), "mnist5k")
+    assert (step, shape, config.dataset) == (11000, (28, 28, 1), "mnist5k")
+    assert (config.patch_size, config.prediction) == (2, "eps")
     out = generation.generate(
         config, model, params, shape, np.array([3, 7]), jax.random.PRNGKey(0), steps=2
     )

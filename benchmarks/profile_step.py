@@ -1,0 +1,186 @@
+"""Where a train step's time goes: its convolutions, timed one by one, against the whole step.
+
+XLA:CPU's profiler trace marks a convolution only when it is launched on the thread pool, not for
+as long as it runs, so the trace cannot say how much of a step the convolutions take. This script
+measures it instead: it walks the jaxpr of one train step (forward, backward, clipping, AdamW,
+EMA), times every ``conv_general_dilated`` in it as a jitted program of its own, with its own
+shapes, strides and padding, and sets their sum against the whole step. The convolutions of the
+backward pass appear in that jaxpr as convolutions too, so they are counted. Rows are grouped by
+the spatial size of the convolution's input and by role (forward, input gradient, kernel
+gradient: told apart by the dimension numbers JAX's transpose rules give them).
+
+    JAX_PLATFORMS=cpu python benchmarks/profile_step.py --config "cpu" \\
+        --config "plain16: patch_size=1 channels=16 channel_mults=1,2,2 prediction=eps \\
+        weighting=simple" --report docs/profile.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from benchmark import _version, cpu_model, md_table, write_output
+from quality_vs_time import RunSpec, cores
+
+
+def median_time(fn, *args, repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def step_program(config):
+    """``(jitted step, args)`` for one train step of ``config`` on synthetic data."""
+    from diffusion_jax import data, models, sharding, training
+
+    rng = np.random.default_rng(0)
+    n = max(config.batch_size, 512)
+    dataset = data.Dataset(
+        "synthetic",
+        rng.uniform(-1, 1, (n, 28, 28, 1)).astype(np.float32),
+        rng.integers(0, config.num_classes, n).astype(np.int32),
+        np.zeros((0, 28, 28, 1), np.float32),
+        np.zeros((0,), np.int32),
+        config.num_classes,
+    )
+    mesh = sharding.data_mesh()
+    model, opt = models.build_model(config), training.make_optimizer(config)
+    state = sharding.replicate(training.init_state(config, model, opt, (1, 28, 28, 1)), mesh)
+    fn = training.make_train_steps(config, mesh, 1)
+    train_x, train_y = training.device_data(dataset, mesh, 1)
+    return fn, (state, train_x, train_y, 1)
+
+
+def convolutions(jaxpr) -> list:
+    """Every conv_general_dilated equation in ``jaxpr`` and its sub-jaxprs."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            found.append(eqn)
+        for value in eqn.params.values():
+            subs = value if isinstance(value, list | tuple) else [value]
+            for sub in subs:
+                if isinstance(sub, ClosedJaxpr):
+                    found += convolutions(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    found += convolutions(sub)
+    return found
+
+
+def role(eqn) -> str:
+    """forward, input gradient or kernel gradient, from the layouts the transpose rules use."""
+    lhs, rhs, out = eqn.params["dimension_numbers"]
+    if lhs == (0, 3, 1, 2) and rhs == (3, 2, 0, 1):
+        return "forward"
+    if lhs == (3, 0, 1, 2):
+        return "kernel grad"
+    return "input grad"
+
+
+def profile(spec: RunSpec, repeats: int) -> dict:
+    import jax
+
+    from diffusion_jax import config as config_lib
+
+    config = config_lib.get_config(spec.preset, **spec.overrides)
+    fn, args = step_program(config)
+    total = median_time(fn, *args, repeats=repeats)
+    eqns = convolutions(jax.make_jaxpr(fn)(*args).jaxpr)
+    groups = collections.defaultdict(lambda: [0, 0.0, 0.0])  # count, seconds, GFLOP
+    for eqn in eqns:
+        lhs, rhs = (v.aval for v in eqn.invars)
+        conv = jax.jit(lambda a, b, p=eqn.params: jax.lax.conv_general_dilated_p.bind(a, b, **p))
+        a = jax.numpy.ones(lhs.shape, lhs.dtype)
+        b = jax.numpy.ones(rhs.shape, rhs.dtype)
+        seconds = median_time(conv, a, b, repeats=repeats)
+        flops = conv.lower(a, b).compile().cost_analysis().get("flops", 0.0)
+        lhs_spec = eqn.params["dimension_numbers"][0]
+        size = lhs.shape[lhs_spec[2]]  # the spatial size of the convolution's input
+        key = (size, role(eqn))
+        groups[key][0] += 1
+        groups[key][1] += seconds
+        groups[key][2] += flops / 1e9
+    return dict(spec=spec, config=config, total=total, groups=dict(groups))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", action="append", default=None, help="'NAME: key=value ...'")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--report", help="markdown file to write (never overwritten)")
+    args = parser.parse_args(argv)
+    specs = [RunSpec.parse(t, "cpu") for t in (args.config or ["cpu"])]
+    lines = [
+        "# Where a train step's time goes",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
+        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, cores this process may use "
+        f"{cores()}",
+        f"- python {platform.python_version()}, jax {_version('jax')}, flax {_version('flax')}",
+        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
+        f"- medians of {args.repeats} runs after compilation and one warm-up",
+    ]
+    for spec in specs:
+        result = profile(spec, args.repeats)
+        rows, conv_total = [], 0.0
+        for (size, kind), (count, seconds, gflop) in sorted(
+            result["groups"].items(), key=lambda kv: (-kv[0][0], kv[0][1])
+        ):
+            conv_total += seconds
+            rows.append(
+                [
+                    f"{size}x{size}",
+                    kind,
+                    count,
+                    f"{seconds * 1e3:.1f}",
+                    f"{100 * seconds / result['total']:.0f}%",
+                    f"{gflop:.2f}",
+                    f"{gflop / seconds:.1f}" if seconds else "n/a",
+                ]
+            )
+        rest = result["total"] - conv_total
+        rows.append(["all", "convolutions", "", f"{conv_total * 1e3:.1f}",
+                     f"{100 * conv_total / result['total']:.0f}%", "", ""])
+        rows.append(["", "everything else (norms, swish, attention, loss, AdamW, EMA)", "",
+                     f"{rest * 1e3:.1f}", f"{100 * rest / result['total']:.0f}%", "", ""])
+        overrides = " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "(none)"
+        lines += [
+            "",
+            f"## {spec.name} (preset {spec.preset}, {overrides}; batch "
+            f"{result['config'].batch_size})",
+            "",
+            f"Whole train step: {result['total'] * 1e3:.1f} ms.",
+            "",
+            md_table(
+                ["input size", "role", "convs", "ms", "share of step", "GFLOP", "GFLOP/s"], rows
+            ),
+        ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.report:
+        write_output(args.report, text, overwrite=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
