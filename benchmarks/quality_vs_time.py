@@ -120,21 +120,26 @@ def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int, log=p
 
     workdir = os.path.join(root, spec.name)
     record_path = os.path.join(root, f"{spec.name}.json")
+    config = config_lib.get_config(spec.preset, **spec.overrides)
+    # The resolved config, not only the overrides: a preset that changed since the run was
+    # trained must not pass off the old run's results as its own.
+    resolved = config_lib.to_dict(config)
     if os.path.exists(record_path):
         with open(record_path) as f:
             record = json.load(f)
-        if record["spec"] != dataclasses.asdict(spec):
+        if record.get("config") != resolved:
             raise ValueError(
-                f"{workdir} was trained with {record['spec']}, not {dataclasses.asdict(spec)}; "
-                "give the new run another name"
+                f"{workdir} was trained with another configuration than {spec.name!r} now "
+                "resolves to (a different --run or a changed preset); give the run another name "
+                "or another --root"
             )
     else:
-        config = config_lib.get_config(spec.preset, **spec.overrides)
         dataset = data.load_dataset(config)
         rate = probe_steps_per_second(config, dataset)
         num_steps = max(evals, int(budget_minutes * 60 * rate) // evals * evals)
         record = {
             "spec": dataclasses.asdict(spec),
+            "config": resolved,
             "budget_minutes": budget_minutes,
             "probe_steps_per_s": rate,
             "num_steps": num_steps,
