@@ -169,7 +169,7 @@ _CPU = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     # the GPU default, sized for quality
     "mnist": {},
-    # a CPU run of under 30 minutes on 2 cores; reads the offline 5k MNIST digits
+    # a CPU run: 41 minutes on one vCPU of a busy 2-core machine (docs/RESULTS.md); offline 5k digits
     "cpu": _CPU,
     "fashion_mnist": dict(dataset="fashion_mnist", channels=96, num_steps=50_000),
     "toy2d": dict(
