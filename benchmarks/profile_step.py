@@ -18,17 +18,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
-import os
-import platform
-import shlex
 import sys
 import time
 
 import numpy as np
-
-from benchmark import _version, cpu_model, md_table, write_output
-from quality_vs_time import RunSpec, cores
+from benchmark import md_table, write_output
+from quality_vs_time import RunSpec, header, synthetic_mnist
 
 
 def median_time(fn, *args, repeats: int) -> float:
@@ -46,18 +41,9 @@ def median_time(fn, *args, repeats: int) -> float:
 
 def step_program(config):
     """``(jitted step, args)`` for one train step of ``config`` on synthetic data."""
-    from diffusion_jax import data, models, sharding, training
+    from diffusion_jax import models, sharding, training
 
-    rng = np.random.default_rng(0)
-    n = max(config.batch_size, 512)
-    dataset = data.Dataset(
-        "synthetic",
-        rng.uniform(-1, 1, (n, 28, 28, 1)).astype(np.float32),
-        rng.integers(0, config.num_classes, n).astype(np.int32),
-        np.zeros((0, 28, 28, 1), np.float32),
-        np.zeros((0,), np.int32),
-        config.num_classes,
-    )
+    dataset = synthetic_mnist(config.num_classes, max(config.batch_size, 512))
     mesh = sharding.data_mesh()
     model, opt = models.build_model(config), training.make_optimizer(config)
     state = sharding.replicate(training.init_state(config, model, opt, (1, 28, 28, 1)), mesh)
@@ -130,14 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--report", help="markdown file to write (never overwritten)")
     args = parser.parse_args(argv)
     specs = [RunSpec.parse(t, "cpu") for t in (args.config or ["cpu"])]
-    lines = [
-        "# Where a train step's time goes",
-        "",
-        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
-        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, cores this process may use "
-        f"{cores()}",
-        f"- python {platform.python_version()}, jax {_version('jax')}, flax {_version('flax')}",
-        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
+    lines = header("Where a train step's time goes", argv, ("jax", "flax")) + [
         f"- medians of {args.repeats} runs after compilation and one warm-up",
     ]
     for spec in specs:
@@ -159,10 +138,28 @@ def main(argv=None) -> int:
                 ]
             )
         rest = result["total"] - conv_total
-        rows.append(["all", "convolutions", "", f"{conv_total * 1e3:.1f}",
-                     f"{100 * conv_total / result['total']:.0f}%", "", ""])
-        rows.append(["", "everything else (norms, swish, attention, loss, AdamW, EMA)", "",
-                     f"{rest * 1e3:.1f}", f"{100 * rest / result['total']:.0f}%", "", ""])
+        rows.append(
+            [
+                "all",
+                "convolutions",
+                "",
+                f"{conv_total * 1e3:.1f}",
+                f"{100 * conv_total / result['total']:.0f}%",
+                "",
+                "",
+            ]
+        )
+        rows.append(
+            [
+                "",
+                "everything else (norms, swish, attention, loss, AdamW, EMA)",
+                "",
+                f"{rest * 1e3:.1f}",
+                f"{100 * rest / result['total']:.0f}%",
+                "",
+                "",
+            ]
+        )
         overrides = " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "(none)"
         lines += [
             "",

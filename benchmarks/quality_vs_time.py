@@ -19,7 +19,7 @@ without spoiling each other's figures:
         channel_mults=1,2" --report docs/qvt.md --plot docs/images/qvt.png
 
 A run that already exists under ``--root`` is resumed or reused, and evaluations already made
-are read back from ``ROOT/NAME.quality.json``; so a rerun with one more ``--run`` adds only that run.
+are read back from ``ROOT/NAME.quality.json``; a rerun with one more ``--run`` adds only that run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ import sys
 import time
 
 import numpy as np
-
 from benchmark import _version, cpu_model, md_table, write_output
 
 
@@ -77,6 +76,35 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def synthetic_mnist(num_classes: int, num: int, seed: int = 0):
+    """A Dataset of ``num`` random 28x28x1 images in [-1, 1] with random labels (speed only)."""
+    from diffusion_jax import data
+
+    rng = np.random.default_rng(seed)
+    return data.Dataset(
+        "synthetic",
+        rng.uniform(-1, 1, (num, 28, 28, 1)).astype(np.float32),
+        rng.integers(0, num_classes, num).astype(np.int32),
+        np.zeros((0, 28, 28, 1), np.float32),
+        np.zeros((0,), np.int32),
+        num_classes,
+    )
+
+
+def header(title: str, argv, packages=("jax", "flax", "optax")) -> list[str]:
+    """The lines every benchmark report starts with: date, machine, versions, command."""
+    return [
+        f"# {title}",
+        "",
+        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
+        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, cores this process may use "
+        f"{cores()}",
+        f"- python {platform.python_version()}, "
+        + ", ".join(f"{p} {_version(p)}" for p in packages),
+        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
+    ]
 
 
 def step_runner(config, dataset):
@@ -260,15 +288,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 def report(rows, records, specs, args, argv) -> str:
     import jax
 
-    lines = [
-        "# Sample quality against CPU-minutes",
-        "",
-        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
-        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, device "
-        f"{jax.devices()[0].device_kind}",
-        f"- python {platform.python_version()}, jax {_version('jax')}, flax {_version('flax')}, "
-        f"optax {_version('optax')}",
-        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
+    lines = header("Sample quality against CPU-minutes", argv) + [
+        f"- device: {jax.devices()[0].device_kind}",
         f"- evaluation: {args.sampler}, w = {args.w:g}, {args.per_class} samples per class, "
         f"seed {args.seed}; FD over the floor of real train vs real test images of the same count",
         "",

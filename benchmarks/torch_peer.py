@@ -17,18 +17,13 @@ both alike; medians after warm-up are reported with the ratio JAX / PyTorch.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
-import os
-import platform
-import shlex
 import sys
 import time
 
 import numpy as np
-
-from benchmark import _version, cpu_model, md_table, write_output
-from quality_vs_time import RunSpec, cores, step_runner
+from benchmark import md_table, write_output
+from quality_vs_time import RunSpec, cores, header, step_runner, synthetic_mnist
 
 
 def torch_unet(config, in_channels: int):
@@ -172,19 +167,7 @@ def torch_step_fn(config, batch: int, seed: int):
 
 def jax_step_fn(config, batch: int, seed: int):
     """A zero-argument callable running one of the library's train steps; the parameter count."""
-    from diffusion_jax import data
-
-    rng = np.random.default_rng(seed)
-    n = max(batch, 512)
-    dataset = data.Dataset(
-        "synthetic",
-        rng.uniform(-1, 1, (n, 28, 28, 1)).astype(np.float32),
-        rng.integers(0, config.num_classes, n).astype(np.int32),
-        np.zeros((0, 28, 28, 1), np.float32),
-        np.zeros((0,), np.int32),
-        config.num_classes,
-    )
-    return step_runner(config, dataset)
+    return step_runner(config, synthetic_mnist(config.num_classes, max(batch, 512), seed))
 
 
 def compare(spec: RunSpec, batch: int, repeats: int, seed: int) -> dict:
@@ -248,15 +231,10 @@ def main(argv=None) -> int:
     specs = [RunSpec.parse(t, "cpu") for t in (args.configs or ["cpu"])]
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     rows = [compare(s, b, args.repeats, args.seed) for s in specs for b in batches]
-    lines = [
-        "# JAX against PyTorch: the same U-Net's train step",
-        "",
-        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
-        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, cores this process may use "
-        f"{cores()}, torch threads {torch.get_num_threads()}",
-        f"- python {platform.python_version()}, jax {_version('jax')}, flax {_version('flax')}, "
-        f"torch {_version('torch')}",
-        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
+    lines = header(
+        "JAX against PyTorch: the same U-Net's train step", argv, ("jax", "flax", "torch")
+    ) + [
+        f"- torch threads {torch.get_num_threads()}",
         f"- medians of {args.repeats} alternating steps after 2 warm-up steps each",
         "",
         md_table(

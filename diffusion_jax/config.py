@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any
 
 from diffusion_jax.diffusion import PREDICTIONS
-from diffusion_jax.losses import LOSS_TYPES, WEIGHTINGS
+from diffusion_jax.losses import LOSS_TYPES, WEIGHTINGS, check_loss_config
 from diffusion_jax.samplers import METHODS
 from diffusion_jax.schedules import SCHEDULES
 
@@ -130,10 +130,7 @@ class Config:
             raise ValueError("dataset='idx' needs --data_dir, the folder holding the IDX files")
         if (self.dataset == "toy2d") != (self.model == "mlp"):
             raise ValueError("toy2d data goes with model='mlp', images with model='unet'")
-        if self.weighting == "vlb" and self.prediction != "mean":
-            raise ValueError("weighting='vlb' applies to prediction='mean' only")
-        if self.weighting == "min_snr" and self.prediction == "mean":
-            raise ValueError("weighting='min_snr' applies to prediction eps, v or x0, not 'mean'")
+        check_loss_config(self.prediction, self.loss_type, self.weighting)  # the pairings
         if not self.min_snr_gamma > 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         return self
@@ -169,7 +166,7 @@ _CPU = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     # the GPU default, sized for quality
     "mnist": {},
-    # a CPU run: 41 minutes on one vCPU of a busy 2-core machine (docs/RESULTS.md); offline 5k digits
+    # a CPU run: 41 minutes on one vCPU of a busy 2-core machine (docs/RESULTS.md); mnist5k
     "cpu": _CPU,
     "fashion_mnist": dict(dataset="fashion_mnist", channels=96, num_steps=50_000),
     "toy2d": dict(

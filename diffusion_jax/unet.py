@@ -120,7 +120,10 @@ class UNet(nn.Module):
                     f"(channels and channels * mult), not {width}"
                 )
         # attention runs at the bottom level and at attention_resolutions
-        widths = {shape[1] // self.patch_size // 2**i: self.channels * m for i, m in enumerate(self.channel_mults)}
+        widths = {
+            shape[1] // self.patch_size // 2**i: self.channels * m
+            for i, m in enumerate(self.channel_mults)
+        }
         bottom = self.channels * self.channel_mults[-1]
         for width in [bottom] + [w for r, w in widths.items() if r in self.attention_resolutions]:
             if width % self.num_heads:
