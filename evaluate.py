@@ -45,8 +45,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--classifier_epochs",
         type=int,
-        default=8,
-        help="epochs when the classifier is first trained (default 8)",
+        default=None,
+        help="epochs when the classifier is first trained (default: about 700 steps, at "
+        "least 3 epochs)",
     )
     parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
     parser.add_argument("--overwrite", action="store_true")

@@ -212,7 +212,11 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args, log=print) -> lis
     workdir = os.path.join(root, spec.name)
     cache_path = os.path.join(root, f"{spec.name}.quality.json")
     cache = json.load(open(cache_path)) if os.path.exists(cache_path) else {}
-    setting = f"{args.sampler}|w={args.w:g}|per_class={args.per_class}|seed={args.seed}"
+    # the classifier recipe too: a figure measured with another yardstick is not reused
+    setting = (
+        f"{args.sampler}|w={args.w:g}|per_class={args.per_class}|seed={args.seed}"
+        f"|classifier=r{classifier_lib.RECIPE}"
+    )
     rows = []
     for step_text, seconds in sorted(record["train_seconds"].items(), key=lambda kv: int(kv[0])):
         key = f"{step_text}|{setting}"

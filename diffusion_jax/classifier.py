@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 from typing import NamedTuple
 
@@ -22,6 +23,11 @@ import orbax.checkpoint as ocp
 from diffusion_jax import checkpoints
 
 KIND = "diffusion_jax-classifier"
+# How the classifier is trained; a cache made by another recipe is not reused (its features, and
+# so every reported distance, would differ). Bump it whenever train_classifier's defaults change.
+RECIPE = 2
+# Default training length: small data sets get more epochs (augmented), large ones at least 3.
+MIN_STEPS = 700
 # The test accuracy below which the classifier's features are not trusted (EVALUATION.md).
 MIN_ACCURACY = {"mnist": 0.99, "mnist5k": 0.97, "fashion_mnist": 0.90}
 
@@ -78,6 +84,20 @@ def _apply_fn(model: CNN):
     return jax.jit(lambda p, x: model.apply({"params": p}, x))
 
 
+def random_shift(images, key, max_shift: int):
+    """images (B, H, W, C) each translated by its own integer offset in [-max_shift, max_shift]
+    along both axes, the uncovered border filled with -1 (the background of images in [-1, 1])."""
+    b, h, w, c = images.shape
+    pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
+    padded = jnp.pad(images, pad, constant_values=-1.0)
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
 def accuracy(clf: TrainedClassifier, images, labels) -> float:
     probs, _ = predict(clf, images)
     return float(np.mean(np.argmax(probs, axis=1) == np.asarray(labels)))
@@ -86,27 +106,42 @@ def accuracy(clf: TrainedClassifier, images, labels) -> float:
 def train_classifier(
     dataset,
     *,
-    epochs: int = 8,
+    epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
+    max_shift: int | None = None,
     seed: int = 0,
     feature_dim: int = 64,
     log=print,
 ) -> TrainedClassifier:
-    """Train the CNN on ``dataset.train_*`` (images in [-1, 1]); accuracy on ``test_*``."""
+    """Train the CNN on ``dataset.train_*`` (images in [-1, 1]); accuracy on ``test_*``.
+
+    Each training batch is translated by up to ``max_shift`` pixels (0: no augmentation; None:
+    a fourteenth of the image side, so 2 pixels at 28x28 and none at 8x8): on the 4,500 digits of
+    mnist5k this lifts test accuracy from 0.980 to 0.988 (docs/RESULTS.md), near the 0.99
+    EVALUATION.md asks of an MNIST yardstick. ``epochs=None`` trains for about
+    ``MIN_STEPS`` steps and at least three epochs (20 epochs of mnist5k, 3 of a 60k-image set)."""
     model = CNN(num_classes=dataset.num_classes, feature_dim=feature_dim)
     key = jax.random.PRNGKey(seed)
     x0 = jnp.zeros((1, *dataset.train_x.shape[1:]), jnp.float32)
     params = jax.jit(model.init)(key, x0)["params"]
     steps_per_epoch = max(len(dataset.train_x) // batch_size, 1)
+    if max_shift is None:
+        max_shift = dataset.train_x.shape[1] // 14
+    if epochs is None:
+        epochs = max(3, math.ceil(MIN_STEPS / steps_per_epoch))
     schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
     opt = optax.adam(schedule)
     opt_state = opt.init(params)
 
     @jax.jit
     def step(params, opt_state, x, y, key):
+        shift_key, dropout_key = jax.random.split(key)
+        if max_shift:
+            x = random_shift(x, shift_key, max_shift)
+
         def loss_fn(p):
-            logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": key})
+            logits, _ = model.apply({"params": p}, x, train=True, rngs={"dropout": dropout_key})
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -129,6 +164,7 @@ def train_classifier(
 def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> None:
     meta = {
         "kind": KIND,
+        "recipe": RECIPE,
         "dataset": dataset_name,
         "fingerprint": clf.fingerprint,
         "test_accuracy": clf.test_accuracy,
@@ -167,6 +203,12 @@ def _load(directory: str, dataset) -> TrainedClassifier:
         meta = mngr.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not isinstance(meta, dict) or meta.get("kind") != KIND:
             raise checkpoints.CheckpointError(f"{directory!r} does not hold a classifier of ours")
+        if meta.get("recipe", 1) != RECIPE:
+            raise checkpoints.CheckpointError(
+                f"the classifier in {directory!r} was trained by recipe {meta.get('recipe', 1)}, "
+                f"not the current recipe {RECIPE}; its distances would not compare with today's. "
+                "Delete it (or use another --classifier_dir) to retrain"
+            )
         if meta["fingerprint"] != fingerprint(dataset):
             raise checkpoints.CheckpointError(
                 f"the classifier in {directory!r} was trained on {meta['dataset']!r} (fingerprint "
@@ -185,7 +227,8 @@ def _load(directory: str, dataset) -> TrainedClassifier:
 def default_dir(dataset) -> str:
     cache = os.environ.get("DIFFUSION_JAX_CACHE", os.path.expanduser("~/.cache/diffusion_jax"))
     shape = "x".join(str(d) for d in dataset.train_x.shape[1:])
-    return os.path.join(cache, "classifiers", f"{dataset.name}-{shape}-{fingerprint(dataset)}")
+    name = f"{dataset.name}-{shape}-{fingerprint(dataset)}-r{RECIPE}"
+    return os.path.join(cache, "classifiers", name)
 
 
 def get_classifier(dataset, directory: str | None = None, log=print, **train_kw):

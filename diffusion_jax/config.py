@@ -151,14 +151,14 @@ _CPU = dict(
     prediction="v",
     weighting="min_snr",
     batch_size=64,
-    num_steps=6000,
+    num_steps=5200,  # 3.1 steps/s on two quiet cores: about 28 minutes
     lr=1e-3,
     warmup_steps=100,
     ema_decay=0.995,
     steps_per_dispatch=1,  # see training.make_train_steps: XLA:CPU loops are slow
     log_every=50,
     sample_every=2000,
-    checkpoint_every=250,
+    checkpoint_every=500,
     keep_every=2000,
     sample_steps=50,
 )

@@ -144,7 +144,7 @@ def sweep(
     seed: int,
     out: str,
     classifier_dir: str | None = None,
-    classifier_epochs: int = 8,
+    classifier_epochs: int | None = None,
     batch_size: int = 1000,
     overwrite: bool = False,
     progress: bool = True,
@@ -301,7 +301,7 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
 
 
 def evaluate_npz(
-    path: str, config, *, classifier_dir: str | None = None, classifier_epochs: int = 8, log=print
+    path: str, config, *, classifier_dir: str | None = None, classifier_epochs: int | None = None, log=print
 ) -> dict:
     """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
     try:

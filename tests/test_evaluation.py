@@ -24,6 +24,7 @@ def separable(n, seed):
 def test_classifier_learns_a_separable_set(tmp_path):
     (tx, ty), (vx, vy) = separable(512, 0), separable(128, 1)
     ds = data.Dataset("quadrants", tx, ty, vx, vy, 4)
+    # 8x8 images: the default shift is none (a 2-pixel shift would move a quadrant away)
     clf = classifier.train_classifier(ds, epochs=4, batch_size=32, feature_dim=8, log=lambda m: 0)
     assert clf.test_accuracy >= 0.95
     classifier.save(clf, str(tmp_path / "clf"), ds.name)
@@ -34,6 +35,43 @@ def test_classifier_learns_a_separable_set(tmp_path):
     other = ds._replace(train_y=(ty + 1) % 4)
     with pytest.raises(checkpoints.CheckpointError, match="was trained on 'quadrants'"):
         classifier.load(str(tmp_path / "clf"), other)
+    # a cache made by an older training recipe is refused, not silently reused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(classifier, "RECIPE", classifier.RECIPE - 1)
+        classifier.save(clf, str(tmp_path / "old"), ds.name)
+    with pytest.raises(checkpoints.CheckpointError, match="recipe 1, not the current recipe 2"):
+        classifier.load(str(tmp_path / "old"), ds)
+
+
+def translate(image, dy, dx):
+    """numpy reference: image (H, W, C) moved down dy and right dx, uncovered pixels -1."""
+    h, w, _ = image.shape
+    out = np.full_like(image, -1.0)
+    out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def test_random_shift_translates_each_image_within_range():
+    import jax
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-0.9, 1, (64, 7, 6, 2)).astype(np.float32)  # no pixel equals the fill
+    shifted = np.asarray(classifier.random_shift(images, jax.random.PRNGKey(3), 2))
+    offsets = set()
+    for image, out in zip(images, shifted):
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if np.array_equal(out, translate(image, dy, dx))
+        ]
+        assert len(matches) == 1, "every output must be one translation of its own input"
+        offsets.add(matches[0])
+    assert len(offsets) >= 15  # independent offsets per image, not one for the batch
+    same = classifier.random_shift(images, jax.random.PRNGKey(3), 0)
+    np.testing.assert_array_equal(np.asarray(same), images)
 
 
 @pytest.fixture(scope="module")
