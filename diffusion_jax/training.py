@@ -177,6 +177,11 @@ def _make_train_steps(config, mesh, num_shards):
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, config.ema_decay)
         ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
+        # A skipped (non-finite) update must not move the EMA toward the unchanged parameters
+        # either: a skipped step leaves parameters, EMA and optimiser state as they were.
+        ema = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(opt_state.last_finite, new, old), ema, state.ema_params
+        )
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         return new, loss, optax.tree.norm(grads)
 

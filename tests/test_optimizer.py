@@ -1,0 +1,131 @@
+"""The optimiser side of a training step against independent float64 computations: the
+learning-rate schedule, global-norm clipping feeding AdamW, the EMA with its warm-up, and skipped
+non-finite updates. (The losses and samplers are tested elsewhere; these are what every sample is
+drawn from: the EMA parameters.)"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax import sharding, training
+from diffusion_jax.config import get_config
+
+
+def lr_reference(step, lr, warmup, num_steps):
+    """The documented schedule: linear from 0 over the warm-up (shortened to num_steps - 1),
+    then a half cosine from lr to lr / 10 at num_steps, lr / 10 after."""
+    warmup = min(warmup, num_steps - 1)
+    end = lr / 10
+    if step < warmup:
+        return lr * step / warmup
+    if step >= num_steps:
+        return end
+    return end + (lr - end) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (num_steps - warmup)))
+
+
+@pytest.mark.parametrize("warmup, num_steps", [(100, 1000), (0, 50), (100, 5), (10, 11)])
+def test_learning_rate_follows_the_documented_formula(warmup, num_steps):
+    schedule = training.learning_rate(
+        get_config("tiny", lr=3e-3, warmup_steps=warmup, num_steps=num_steps)
+    )
+    steps = {0, 1, warmup // 2, warmup - 1, warmup, warmup + 1, num_steps // 2, num_steps - 1}
+    for step in sorted(s for s in steps | {num_steps, num_steps + 7} if s >= 0):
+        expected = lr_reference(step, 3e-3, warmup, num_steps)
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-10), step
+
+
+def adamw_reference(params, grads, lrs, clip, weight_decay, b1=0.9, b2=0.999, eps=1e-8):
+    """float64 AdamW on the concatenated parameters, each gradient first scaled to a global norm
+    of at most ``clip``."""
+    p = np.concatenate([np.ravel(a) for a in params]).astype(np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        g = np.concatenate([np.ravel(a) for a in g]).astype(np.float64)
+        g = g * min(1.0, clip / np.linalg.norm(g))
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g**2
+        step = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        p = p - lr * (step + weight_decay * p)
+    return p
+
+
+def flat(tree):
+    return np.concatenate([np.ravel(np.asarray(a, np.float64)) for a in jax.tree.leaves(tree)])
+
+
+def test_clipped_adamw_matches_a_float64_reference_and_skips_nonfinite_gradients():
+    config = get_config("tiny", lr=0.1, warmup_steps=0, num_steps=10, weight_decay=0.01)
+    optimizer = training.make_optimizer(config)
+    rng = np.random.default_rng(0)
+    params = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5, np.float32)]
+    # global norms about 9, 0.3 and 4: the first and last are clipped to 1, the middle is not
+    grads = [[scale * rng.standard_normal(a.shape).astype(np.float32) for a in params]
+             for scale in (2.0, 0.07, 1.0)]
+    nan = [np.full_like(a, np.nan) for a in params]
+    state = optimizer.init(params)
+    current = params
+    for g in (grads[0], grads[1], nan, grads[2]):
+        before = (current, state.inner_state)
+        updates, state = optimizer.update(g, state, current)
+        current = jax.tree.map(lambda p, u: p + u, current, updates)
+        if g is nan:  # skipped: parameters and the inner AdamW state are unchanged
+            np.testing.assert_array_equal(flat(current), flat(before[0]))
+            np.testing.assert_array_equal(flat(state.inner_state), flat(before[1]))
+            assert int(state.notfinite_count) == 1 and not bool(state.last_finite)
+    lrs = [lr_reference(s, 0.1, 0, 10) for s in range(3)]  # the skipped step takes no LR step
+    expected = adamw_reference(params, grads, lrs, config.grad_clip, 0.01)
+    np.testing.assert_allclose(flat(current), expected, rtol=1e-5, atol=1e-6)
+    unclipped = adamw_reference(params, grads, lrs, np.inf, 0.01)
+    assert np.abs(unclipped - expected).max() > 1e-2  # the check could see a missing clip
+
+
+def test_ema_decay_warms_up_then_caps():
+    for step in range(0, 40, 3):
+        expected = min(0.8, (1 + step) / (10 + step))  # capped from step 26 on
+        assert float(training.ema_decay_at(step, 0.8)) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_data):
+    """(config, jitted steps, [state after 0..4 steps]) of the tiny preset, one step per call
+    (the config of the session's straight_run, so the step program is compiled once)."""
+    config = get_config("tiny")
+    mesh = sharding.data_mesh()
+    steps = training.make_train_steps(config, mesh)
+    train_x, train_y = training.device_data(tiny_data, mesh, 1)
+    model, optimizer = training.models.build_model(config), training.make_optimizer(config)
+    state = training.init_state(config, model, optimizer, (1, *tiny_data.train_x.shape[1:]))
+    states = [state]
+    for _ in range(4):
+        state, _, _ = steps(state, train_x, train_y, jnp.int32(1))
+        states.append(state)
+    return config, steps, states
+
+
+def test_ema_follows_the_warmed_up_recurrence(ema_run):
+    config, _, states = ema_run
+    ema = flat(states[0].params)  # the EMA starts at the initial parameters
+    for k in range(4):
+        decay = min(config.ema_decay, (1 + k) / (10 + k))
+        ema = decay * ema + (1 - decay) * flat(states[k + 1].params)
+        np.testing.assert_allclose(flat(states[k + 1].ema_params), ema, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(flat(states[4].ema_params), flat(states[4].params))
+
+
+def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_data):
+    _, steps, states = ema_run
+    mesh = sharding.data_mesh()
+    bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
+    train_x, train_y = training.device_data(bad, mesh, 1)
+    state, loss, _ = steps(states[4], train_x, train_y, jnp.int32(1))
+    assert not np.isfinite(float(loss)) and int(state.step) == 5
+    for field in ("params", "ema_params"):
+        np.testing.assert_array_equal(flat(getattr(state, field)), flat(getattr(states[4], field)))
+    np.testing.assert_array_equal(
+        flat(state.opt_state.inner_state), flat(states[4].opt_state.inner_state)
+    )
+    assert int(state.opt_state.notfinite_count) == 1
