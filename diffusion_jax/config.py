@@ -151,7 +151,7 @@ _CPU = dict(
     prediction="v",
     weighting="min_snr",
     batch_size=64,
-    num_steps=5200,  # 3.1 steps/s on two quiet cores: about 28 minutes
+    num_steps=5200,  # 3.1 steps/s measured on two quiet cores: about 28 minutes
     lr=1e-3,
     warmup_steps=100,
     ema_decay=0.995,
@@ -166,7 +166,7 @@ _CPU = dict(
 PRESETS: dict[str, dict[str, Any]] = {
     # the GPU default, sized for quality
     "mnist": {},
-    # a CPU run: 41 minutes on one vCPU of a busy 2-core machine (docs/RESULTS.md); mnist5k
+    # a CPU run on mnist5k: sized for 30 minutes on two quiet cores (docs/RESULTS.md)
     "cpu": _CPU,
     "fashion_mnist": dict(dataset="fashion_mnist", channels=96, num_steps=50_000),
     "toy2d": dict(

@@ -301,7 +301,12 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
 
 
 def evaluate_npz(
-    path: str, config, *, classifier_dir: str | None = None, classifier_epochs: int | None = None, log=print
+    path: str,
+    config,
+    *,
+    classifier_dir: str | None = None,
+    classifier_epochs: int | None = None,
+    log=print,
 ) -> dict:
     """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
     try:

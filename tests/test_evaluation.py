@@ -60,7 +60,7 @@ def test_random_shift_translates_each_image_within_range():
     images = rng.uniform(-0.9, 1, (64, 7, 6, 2)).astype(np.float32)  # no pixel equals the fill
     shifted = np.asarray(classifier.random_shift(images, jax.random.PRNGKey(3), 2))
     offsets = set()
-    for image, out in zip(images, shifted):
+    for image, out in zip(images, shifted, strict=True):
         matches = [
             (dy, dx)
             for dy in range(-2, 3)

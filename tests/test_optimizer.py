@@ -43,7 +43,7 @@ def adamw_reference(params, grads, lrs, clip, weight_decay, b1=0.9, b2=0.999, ep
     p = np.concatenate([np.ravel(a) for a in params]).astype(np.float64)
     m = np.zeros_like(p)
     v = np.zeros_like(p)
-    for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    for t, (g, lr) in enumerate(zip(grads, lrs, strict=True), start=1):
         g = np.concatenate([np.ravel(a) for a in g]).astype(np.float64)
         g = g * min(1.0, clip / np.linalg.norm(g))
         m = b1 * m + (1 - b1) * g
@@ -63,8 +63,10 @@ def test_clipped_adamw_matches_a_float64_reference_and_skips_nonfinite_gradients
     rng = np.random.default_rng(0)
     params = [rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(5, np.float32)]
     # global norms about 9, 0.3 and 4: the first and last are clipped to 1, the middle is not
-    grads = [[scale * rng.standard_normal(a.shape).astype(np.float32) for a in params]
-             for scale in (2.0, 0.07, 1.0)]
+    grads = [
+        [scale * rng.standard_normal(a.shape).astype(np.float32) for a in params]
+        for scale in (2.0, 0.07, 1.0)
+    ]
     nan = [np.full_like(a, np.nan) for a in params]
     state = optimizer.init(params)
     current = params
