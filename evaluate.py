@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         type=int,
         default=None,
         help="epochs when the classifier is first trained (default: about 700 steps, at "
-        "least 3 epochs)",
+        "least 6 epochs)",
     )
     parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
     parser.add_argument("--overwrite", action="store_true")

@@ -26,8 +26,10 @@ KIND = "diffusion_jax-classifier"
 # How the classifier is trained; a cache made by another recipe is not reused (its features, and
 # so every reported distance, would differ). Bump it whenever train_classifier's defaults change.
 RECIPE = 2
-# Default training length: small data sets get more epochs (augmented), large ones at least 3.
+# Default training length: about MIN_STEPS steps, and at least MIN_EPOCHS epochs (with shifted
+# batches, 3 epochs of Fashion-MNIST gave test accuracy 0.894, under the 0.90 asked for).
 MIN_STEPS = 700
+MIN_EPOCHS = 6
 # The test accuracy below which the classifier's features are not trusted (EVALUATION.md).
 MIN_ACCURACY = {"mnist": 0.99, "mnist5k": 0.97, "fashion_mnist": 0.90}
 
@@ -120,7 +122,7 @@ def train_classifier(
     a fourteenth of the image side, so 2 pixels at 28x28 and none at 8x8): on the 4,500 digits of
     mnist5k this lifts test accuracy from 0.980 to 0.988 (docs/RESULTS.md), near the 0.99
     EVALUATION.md asks of an MNIST yardstick. ``epochs=None`` trains for about
-    ``MIN_STEPS`` steps and at least three epochs (20 epochs of mnist5k, 3 of a 60k-image set)."""
+    ``MIN_STEPS`` steps and at least ``MIN_EPOCHS`` (20 epochs of mnist5k, 6 of a 60k-image set)."""
     model = CNN(num_classes=dataset.num_classes, feature_dim=feature_dim)
     key = jax.random.PRNGKey(seed)
     x0 = jnp.zeros((1, *dataset.train_x.shape[1:]), jnp.float32)
@@ -129,7 +131,7 @@ def train_classifier(
     if max_shift is None:
         max_shift = dataset.train_x.shape[1] // 14
     if epochs is None:
-        epochs = max(3, math.ceil(MIN_STEPS / steps_per_epoch))
+        epochs = max(MIN_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch))
     schedule = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
     opt = optax.adam(schedule)
     opt_state = opt.init(params)
