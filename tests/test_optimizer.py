@@ -6,7 +6,6 @@ drawn from: the EMA parameters.)"""
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,9 +100,11 @@ def ema_run(tiny_data):
     train_x, train_y = training.device_data(tiny_data, mesh, 1)
     model, optimizer = training.models.build_model(config), training.make_optimizer(config)
     state = training.init_state(config, model, optimizer, (1, *tiny_data.train_x.shape[1:]))
+    # placed and called as training.train does, so the session's compiled step is reused
+    state = sharding.replicate(state, mesh)
     states = [state]
     for _ in range(4):
-        state, _, _ = steps(state, train_x, train_y, jnp.int32(1))
+        state, _, _ = steps(state, train_x, train_y, 1)
         states.append(state)
     return config, steps, states
 
@@ -123,7 +124,7 @@ def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_
     mesh = sharding.data_mesh()
     bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
     train_x, train_y = training.device_data(bad, mesh, 1)
-    state, loss, _ = steps(states[4], train_x, train_y, jnp.int32(1))
+    state, loss, _ = steps(states[4], train_x, train_y, 1)
     assert not np.isfinite(float(loss)) and int(state.step) == 5
     for field in ("params", "ema_params"):
         np.testing.assert_array_equal(flat(getattr(state, field)), flat(getattr(states[4], field)))
