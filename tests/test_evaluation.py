@@ -44,6 +44,27 @@ def test_classifier_learns_a_separable_set(tmp_path):
         classifier.load(str(tmp_path / "old"), ds)
 
 
+def test_default_training_length_and_shift(monkeypatch):
+    """epochs=None: about MIN_STEPS steps and at least MIN_EPOCHS; max_shift=None: side // 14."""
+    seen, logs = [], []
+    real_shift = classifier.random_shift
+    monkeypatch.setattr(
+        classifier, "random_shift", lambda x, k, m: seen.append(m) or real_shift(x, k, m)
+    )
+    monkeypatch.setattr(classifier, "MIN_STEPS", 9)
+    monkeypatch.setattr(classifier, "MIN_EPOCHS", 2)
+    (tx, ty), (vx, vy) = separable(64, 0), separable(16, 1)
+    small = data.Dataset("quadrants", tx, ty, vx, vy, 4)
+    classifier.train_classifier(small, batch_size=32, feature_dim=8, log=logs.append)
+    assert logs[-1].startswith("classifier epoch 5/5")  # 2 steps an epoch: ceil(9 / 2) = 5 > 2
+    assert seen == []  # 8x8: no shift
+    big = small._replace(
+        train_x=np.resize(tx, (64, 28, 28, 1)), test_x=np.resize(vx, (16, 28, 28, 1))
+    )
+    classifier.train_classifier(big, batch_size=32, epochs=1, feature_dim=8, log=logs.append)
+    assert seen == [2]  # 28x28: up to 2 pixels (traced once)
+
+
 def translate(image, dy, dx):
     """numpy reference: image (H, W, C) moved down dy and right dx, uncovered pixels -1."""
     h, w, _ = image.shape
