@@ -4,7 +4,7 @@
     python evaluate.py --workdir runs/cpu --w 0,1,2 --samplers ddim:50,ddim:10 --per_class 100
     python evaluate.py --workdir runs/cpu --npz SAMPLES.npz          # samples from sample.py
 
-Writes results.md, results.json and three plots (FD vs IS by w, accuracy vs w, FD vs steps) to
+Writes results.md, results.json and three plots (FD vs IS by w, accuracy vs w, FD vs NFE) to
 --out (default WORKDIR/eval). The classifier is trained on the run's data set on first use and
 cached (DIFFUSION_JAX_CACHE, default ~/.cache/diffusion_jax).
 """
@@ -16,6 +16,8 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from diffusion_jax import cli  # noqa: E402  (after the environment is set)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
@@ -26,8 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--w", default="0,0.5,1,2,4", help="guidance weights to sweep")
     parser.add_argument(
         "--samplers",
-        default="ddpm,ddim:100,ddim:50,ddim:20,ddim:10",
-        help="SAMPLER[:STEPS] list for the step sweep (ddpm alone = all T steps)",
+        default="ddpm,ddim:100,ddim:50,ddim:20,ddim:10,dpmpp2m:20,dpmpp2m:15,dpmpp2m:10",
+        help="SAMPLER[:STEPS] list for the step sweep, drawn as FD against network calls "
+        "(a name alone = its default steps: all T for ddpm)",
     )
     parser.add_argument(
         "--guidance_sampler", default="ddim:50", help="the sampler of the guidance sweep"
@@ -52,9 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no_progress", action="store_true")
+    cli.add_sampler_flags(parser)
     args = parser.parse_args(argv)
 
-    from diffusion_jax import checkpoints, cli, evaluation
+    from diffusion_jax import checkpoints, evaluation
 
     with cli.clean_errors("evaluate.py"):
         if args.npz:
@@ -88,6 +92,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,
+            **cli.sampler_options(args),
         )
     return 0
 

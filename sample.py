@@ -14,6 +14,9 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from diffusion_jax import cli  # noqa: E402  (after the environment is set)
+from diffusion_jax.solvers import METHODS  # noqa: E402
+
 
 def parse_labels(text: str) -> list[int]:
     try:
@@ -42,21 +45,27 @@ def main(argv=None) -> int:
         help="samples per class (default 8; 400 for 2-D data)",
     )
     parser.add_argument("--w", type=float, default=None, help="guidance weight (default: config)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default=None)
+    parser.add_argument(
+        "--sampler",
+        choices=METHODS,
+        default=None,
+        help="the update rule (default: the run's config, e.g. ddim)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="sampling steps, 1..T (default: T for ddpm, the config's for ddim)",
+        help="sampling steps = network calls, 1..T (default: the config's for its own sampler; "
+        "else T for ddpm, 50 for ddim, 20 for dpmpp2m)",
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=20, help="GIF frames (snapshots)")
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/samples)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    cli.add_sampler_flags(parser)
     args = parser.parse_args(argv)
 
-    from diffusion_jax import cli, generation
+    from diffusion_jax import generation
 
     with cli.clean_errors("sample.py"):
         generation.sample_to_files(
@@ -66,11 +75,11 @@ def main(argv=None) -> int:
             w=args.w,
             method=args.sampler,
             steps=args.steps,
-            eta=args.eta,
             seed=args.seed,
             frames=args.frames,
             out=args.out,
             overwrite=args.overwrite,
+            **cli.sampler_options(args),
         )
     return 0
 

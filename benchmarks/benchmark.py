@@ -709,16 +709,18 @@ def make_sampling(preset: str, dtype: str) -> Sampling:
     return Sampling(preset, dtype, config, models.denoiser(model), params, shape, mesh)
 
 
-def chain_inputs(s: Sampling, method, steps: int, guided: bool, batch: int, w, seed, mesh=None):
-    """``(args, static)`` of ``samplers._sample_chain``, exactly as ``samplers.sample`` builds
-    them (with a ``mesh``: padded and replicated over it), minus the unroll factor."""
+def chain_inputs(
+    s: Sampling, method, steps: int, guided: bool, batch: int, w, seed, mesh=None, unroll: int = 1
+):
+    """The ``samplers.ChainCall`` that ``samplers.sample`` runs for this configuration (with a
+    ``mesh``: padded and replicated over it)."""
     import jax
 
     from diffusion_jax import samplers
     from diffusion_jax.schedules import respace
 
     cfg = s.config
-    args, static = samplers.prepare_chain(
+    return samplers.prepare_chain(
         s.denoise_fn,
         s.params,
         respace(cfg.schedule, cfg.num_timesteps, steps),
@@ -727,32 +729,25 @@ def chain_inputs(s: Sampling, method, steps: int, guided: bool, batch: int, w, s
         num_classes=cfg.num_classes,
         labels=np.random.default_rng(seed).integers(0, cfg.num_classes, batch),
         w=w if guided else 0.0,
-        method=method,
         eta=0.0,  # deterministic DDIM
+        method=method,
         prediction=cfg.prediction,
+        unroll=unroll,
         mesh=mesh,
     )
-    del static["unroll"]  # set per program by the caller
-    return args, static
 
 
 def chain_program(
     s: Sampling, method, steps, guided, batch, unroll, args, report: Report, one_device=False
 ):
-    """``(compiled, compile_s, chain_args, static)``, compiled once per configuration; the batch
-    is split over ``s.mesh`` unless ``one_device``."""
-    from diffusion_jax import samplers
-
+    """``(compiled, compile_s, call)``, compiled once per configuration; the batch is split over
+    ``s.mesh`` unless ``one_device``."""
     mesh = None if one_device else s.mesh
     key = (method, steps, guided, batch, unroll, mesh is None)
     if key not in s.programs:
-        chain_args, static = chain_inputs(
-            s, method, steps, guided, batch, args.guidance, args.seed, mesh
-        )
-        compiled, seconds = compile_timed(
-            samplers._sample_chain, *chain_args, unroll=unroll, **static
-        )
-        s.programs[key] = (compiled, seconds, chain_args, static)
+        call = chain_inputs(s, method, steps, guided, batch, args.guidance, args.seed, mesh, unroll)
+        compiled, seconds = call.compile()
+        s.programs[key] = (compiled, seconds, call)
         report.compiles.append(
             (
                 f"sampler {s.name} {method}-{steps} {'guided' if guided else 'unguided'} "
@@ -766,20 +761,21 @@ def chain_program(
 
 def step_flops(s: Sampling, method: str, guided: bool, batch: int, args) -> float | None:
     """FLOPs of one reverse step: the loop-free jitted step of ``samplers.sample_python_loop``."""
-    import jax
     import jax.numpy as jnp
 
     from diffusion_jax import samplers
 
     key = (method, guided, batch)
     if key not in s.step_flops:
-        chain_args, static = chain_inputs(s, method, 2, guided, batch, args.guidance, args.seed)
-        params, schedule, rng_key, labels, w, eta = chain_args
-        step = jax.jit(
-            functools.partial(samplers.reverse_step, **{k: static[k] for k in samplers.STEP_STATIC})
+        call = chain_inputs(s, method, 2, guided, batch, args.guidance, args.seed)
+        params, schedule, rng_key, labels, w, eta = call.args
+        x = jnp.zeros(call.static["shape"], jnp.float32)
+        carry = call.static["settings"].solver.init(x)
+        compiled = (
+            samplers.jitted_step(call)
+            .lower(params, schedule, jnp.int32(1), x, carry, rng_key, labels, w, eta)
+            .compile()
         )
-        x = jnp.zeros(static["shape"], jnp.float32)
-        compiled = step.lower(params, schedule, jnp.int32(1), x, rng_key, labels, w, eta).compile()
         s.step_flops[key] = flops_of(compiled)
         s.step_convolutions[key] = compiled.as_text().count(" convolution(")
     return s.step_flops[key]
@@ -812,17 +808,14 @@ def find_max_batch(s: Sampling, guided: bool, cap: int, args) -> tuple[int, list
     """
     import jax
 
-    from diffusion_jax import samplers
 
     probes = []
 
     def fits(batch: int) -> bool:
-        chain_args, static = chain_inputs(
-            s, "ddim", 2, guided, batch, args.guidance, args.seed, s.mesh
-        )
+        call = chain_inputs(s, "ddim", 2, guided, batch, args.guidance, args.seed, s.mesh)
         try:
-            compiled = samplers._sample_chain.lower(*chain_args, unroll=1, **static).compile()
-            jax.block_until_ready(compiled(*chain_args))
+            compiled, _ = call.compile()
+            jax.block_until_ready(compiled(*call.args))
             probes.append(f"{batch} ok")
             return True
         except Exception as e:
@@ -881,11 +874,11 @@ def time_sampler(s: Sampling, method, steps, guided, batch, args, report, previo
             timed_steps = max(
                 min(steps, MIN_TIMED_STEPS), int(steps * args.run_budget_s / expected)
             )
-    compiled, compile_s, chain_args, _ = chain_program(
+    compiled, compile_s, call = chain_program(
         s, method, timed_steps, guided, batch, 1, args, report
     )
     seconds, runs = median_seconds(
-        lambda: compiled(*chain_args), args.repeats, args.warmup, args.run_budget_s
+        lambda: compiled(*call.args), args.repeats, args.warmup, args.run_budget_s
     )
     flops = step_flops(s, method, guided, batch, args)
     full_s = seconds * steps / timed_steps
@@ -917,8 +910,9 @@ def capped_steps(s: Sampling, steps: int, notes: list[str], what: str) -> int:
 
 def sampling_section(args, report: Report, samplings: list[Sampling]) -> None:
     report.add(
-        "Each sampler is the whole chain compiled as one `lax.scan` (`samplers._sample_chain`, "
-        "the program `samplers.sample` runs), compiled ahead of time and timed to completion. "
+        "Each sampler is the whole chain compiled as one `lax.scan` (`samplers.prepare_chain(...)"
+        ".compile()`, the program `samplers.sample` runs), compiled ahead of time and timed to "
+        "completion. "
         f"Guided: w = {args.guidance:g} with random labels (conditional and unconditional "
         "outputs from one denoiser call on the doubled batch); unguided: w = 0, the same labels. "
         "Ancestral = DDPM with the small posterior variance; DDIM with eta = 0. GFLOP/image = "
@@ -1061,27 +1055,13 @@ def loop_section(args, report: Report, samplings: list[Sampling]) -> None:
         steps = min(args.ddim_steps, s.config.num_timesteps)
         for batch in args.loop_batch_sizes:
             # Both on one device: sample_python_loop does not split the batch.
-            compiled, _, chain_args, static = chain_program(
+            compiled, _, call = chain_program(
                 s, "ddim", steps, True, batch, 1, args, report, one_device=True
             )
             scan_s, _ = median_seconds(
-                functools.partial(compiled, *chain_args), args.repeats, args.warmup
+                functools.partial(compiled, *call.args), args.repeats, args.warmup
             )
-            params, schedule, key, labels, w, eta = chain_args
-            step_static = {k: static[k] for k in samplers.STEP_STATIC if k != "denoise_fn"}
-
-            loop = functools.partial(
-                samplers.sample_python_loop,
-                s.denoise_fn,
-                params,
-                schedule,
-                key,
-                labels,
-                w,
-                eta=0.0,
-                shape=static["shape"],
-                **step_static,
-            )
+            loop = functools.partial(samplers.sample_python_loop, call)
 
             start = time.perf_counter()
             jax.block_until_ready(loop())  # compiles the step (once per configuration)
@@ -1118,11 +1098,11 @@ def unroll_section(args, report: Report, samplings: list[Sampling]) -> None:
         steps = min(args.ddim_steps, s.config.num_timesteps)
         base = None
         for unroll in args.unroll_factors:
-            compiled, compile_s, chain_args, _ = chain_program(
+            compiled, compile_s, call = chain_program(
                 s, "ddim", steps, True, batch, unroll, args, report
             )
             seconds, _ = median_seconds(
-                functools.partial(compiled, *chain_args), args.repeats, args.warmup
+                functools.partial(compiled, *call.args), args.repeats, args.warmup
             )
             base = base or seconds
             rows.append(

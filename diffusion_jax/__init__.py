@@ -3,8 +3,9 @@
 The folder listing is the architecture:
 
 * mathematics: ``schedules`` (noise schedules, respacing), ``diffusion`` (forward process,
-  posterior, parameterizations), ``losses`` (training objective, label dropout), ``samplers``
-  (jitted ``lax.scan`` reverse chains with guidance);
+  posterior, parameterizations), ``losses`` (training objective, label dropout), ``solvers``
+  (reverse-step update rules, one registry), ``samplers`` (jitted ``lax.scan`` reverse chains
+  with guidance);
 * networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (config -> module -> denoiser);
 * running: ``config`` (presets, flags), ``data`` (data sets), ``training`` (Optax loop, EMA),
   ``checkpoints`` (Orbax), ``generation`` (sampling a checkpoint), ``images`` (grids, GIFs),
@@ -17,8 +18,8 @@ from diffusion_jax.diffusion import PREDICTIONS, q_posterior, q_sample, to_x0_ep
 from diffusion_jax.losses import diffusion_loss, drop_labels
 from diffusion_jax.mlp import MLPDenoiser
 from diffusion_jax.models import denoiser
-from diffusion_jax.samplers import METHODS, VARIANCES, SampleResult, sample
-from diffusion_jax.schedules import SCHEDULES, Schedule, make_schedule, respace
+from diffusion_jax.samplers import METHODS, VARIANCES, SampleResult, SamplerSettings, sample
+from diffusion_jax.schedules import SCHEDULES, SPACINGS, Schedule, make_schedule, respace
 from diffusion_jax.unet import UNet
 
 __version__ = "0.1.0"
@@ -27,9 +28,11 @@ __all__ = [
     "PREDICTIONS",
     "METHODS",
     "SCHEDULES",
+    "SPACINGS",
     "VARIANCES",
     "MLPDenoiser",
     "SampleResult",
+    "SamplerSettings",
     "Schedule",
     "UNet",
     "denoiser",

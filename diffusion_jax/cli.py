@@ -1,4 +1,5 @@
-"""What the entry scripts share: library errors become one clear line and an exit code."""
+"""What the entry scripts share: library errors become one clear line and an exit code, and the
+sampler flags of sample.py and evaluate.py."""
 
 from __future__ import annotations
 
@@ -6,24 +7,28 @@ import argparse
 import contextlib
 import sys
 
-from diffusion_jax.checkpoints import CheckpointError
-from diffusion_jax.data import DataUnavailableError
-from diffusion_jax.training import TrainingDivergedError
 
-# Errors that mean "the input was wrong" (exit 2) or "the run cannot go on" (exit 1); both are
-# reported as a message, not a traceback.
-USER_ERRORS = (ValueError, CheckpointError, DataUnavailableError, FileExistsError, PermissionError)
-RUN_ERRORS = (TrainingDivergedError,)
+def _error_kinds():
+    """Errors that mean "the input was wrong" (exit 2) or "the run cannot go on" (exit 1); both
+    are reported as a message, not a traceback. Imported here, not at the top, so that building
+    a parser (``--help``, a bad flag) does not wait for Orbax and the training code."""
+    from diffusion_jax.checkpoints import CheckpointError
+    from diffusion_jax.data import DataUnavailableError
+    from diffusion_jax.training import TrainingDivergedError
+
+    user = (ValueError, CheckpointError, DataUnavailableError, FileExistsError, PermissionError)
+    return user, (TrainingDivergedError,)
 
 
 @contextlib.contextmanager
 def clean_errors(program: str):
+    user_errors, run_errors = _error_kinds()
     try:
         yield
-    except USER_ERRORS as e:
+    except user_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except RUN_ERRORS as e:
+    except run_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -59,3 +64,54 @@ def start_distributed(args) -> None:
         sharding.initialize_distributed(*manual)
     elif args.distributed:
         sharding.initialize_distributed()
+
+
+def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
+    """The sampler options that are not the sampler and its step count (see
+    :class:`~diffusion_jax.samplers.SamplerSettings`); read them back with
+    :func:`sampler_options`."""
+    from diffusion_jax.schedules import SPACINGS
+    from diffusion_jax.solvers import VARIANCES
+
+    group = parser.add_argument_group("sampler options")
+    group.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default=None,
+        help="where a shortened chain's steps go (default: the sampler's own: uniform for "
+        "ddpm and ddim, see the README for dpmpp2m)",
+    )
+    group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    group.add_argument(
+        "--variance", choices=VARIANCES, default="small", help="ancestral step variance"
+    )
+    group.add_argument(
+        "--x0",
+        choices=("clip", "threshold", "none"),
+        default="clip",
+        help="what is done to the predicted x0 at each step: clip to [-1, 1] (default), "
+        "dynamic thresholding (Saharia et al. 2022), or nothing",
+    )
+    group.add_argument(
+        "--threshold_quantile",
+        type=float,
+        default=0.995,
+        help="the quantile of |x0| used by --x0 threshold (default 0.995)",
+    )
+
+
+def sampler_options(args) -> dict:
+    """The keywords of ``generation.generate`` that :func:`add_sampler_flags` set."""
+    import math
+
+    if not math.isfinite(args.eta) or args.eta < 0:
+        raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}")
+    if not 0 < args.threshold_quantile <= 1:
+        raise ValueError(f"--threshold_quantile must be in (0, 1], got {args.threshold_quantile}")
+    return dict(
+        spacing=args.spacing,
+        eta=args.eta,
+        variance=args.variance,
+        clip=None if args.x0 == "none" else (-1.0, 1.0),
+        threshold=args.threshold_quantile if args.x0 == "threshold" else None,
+    )

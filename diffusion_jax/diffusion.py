@@ -118,11 +118,14 @@ def to_x0_eps(
     x_k: jnp.ndarray,
     k: jnp.ndarray,
     clip: tuple[float, float] | None = None,
+    threshold: float | None = None,
 ):
     """Turn a network ``output`` (same shape as ``x_k``) into the pair ``(x0_hat, eps_hat)``.
 
-    With ``clip=(lo, hi)`` the predicted x_0 is clipped to the data range and eps is recomputed
-    from the clipped x_0, so that the two stay consistent with x_k.
+    With ``clip=(lo, hi)`` the predicted x_0 is clipped to the data range; with ``threshold`` (a
+    quantile in (0, 1]) it is dynamically thresholded instead (:func:`dynamic_threshold`, which
+    assumes data in [-1, 1]). Either way eps is recomputed from the new x_0, so that the two stay
+    consistent with x_k.
     """
     check_prediction(prediction)
     output = output.astype(jnp.float32)
@@ -140,10 +143,26 @@ def to_x0_eps(
     else:
         x0 = x0_from_model_mean(schedule, x_k, k, output)
         eps = eps_from_x0(schedule, x_k, k, x0)
-    if clip is not None:
+    if threshold is not None:
+        x0 = dynamic_threshold(x0, threshold)
+    elif clip is not None:
         x0 = jnp.clip(x0, clip[0], clip[1])
+    if threshold is not None or clip is not None:
         eps = eps_from_x0(schedule, x_k, k, x0)
     return x0, eps
+
+
+def dynamic_threshold(x0: jnp.ndarray, quantile: float) -> jnp.ndarray:
+    """Saharia et al. (2022)'s dynamic thresholding of predicted data in [-1, 1]: (B, ...) -> same.
+
+    Per sample, s = max(1, the ``quantile`` of |x0|); x0 is clipped to [-s, s] and divided by s.
+    A sample already inside [-1, 1] is unchanged; one that overshoots is pulled back into the range
+    without flattening its extremes to a wall of +-1 as fixed clipping does at large guidance.
+    """
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.maximum(jnp.quantile(flat, quantile, axis=1), 1.0)
+    s = s.reshape((-1,) + (1,) * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
 
 
 def sample_timesteps(key: jax.Array, batch_size: int, num_steps: int) -> jnp.ndarray:

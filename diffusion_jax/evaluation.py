@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import classifier as classifier_lib
-from diffusion_jax import data, generation, metrics
+from diffusion_jax import data, generation, metrics, solvers
 
 
 class SamplerSpec(NamedTuple):
@@ -43,14 +43,17 @@ def parse_floats(text: str, name: str) -> list[float]:
 
 
 def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
-    """'ddpm:1000,ddim:50' -> specs; 'ddpm' alone means all T steps."""
+    """'dpmpp2m:10,ddim:50,ddpm' -> specs; a name alone means that sampler's default step count
+    (``solvers.default_steps``: all T steps for ddpm)."""
     specs = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         method, _, steps = part.partition(":")
-        if method not in ("ddpm", "ddim"):
-            raise ValueError(f"--samplers: unknown sampler {method!r} in {part!r} (ddpm or ddim)")
+        if method not in solvers.METHODS:
+            raise ValueError(
+                f"--samplers: unknown sampler {method!r} in {part!r} (one of {solvers.METHODS})"
+            )
         try:
-            k = int(steps) if steps else num_timesteps
+            k = int(steps) if steps else solvers.default_steps(method, num_timesteps)
         except ValueError:
             raise ValueError(f"--samplers: {part!r} is not SAMPLER:STEPS") from None
         if not 1 <= k <= num_timesteps:
@@ -149,9 +152,13 @@ def sweep(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
+    **sampler_options,
 ) -> list[dict]:
     """Guidance sweep (``ws`` with ``guidance_spec``) and step sweep (``sampler_specs`` at
-    ``steps_w``) of the checkpoint in ``workdir``; writes ``out``/results.{md,json} and plots."""
+    ``steps_w``) of the checkpoint in ``workdir``; writes ``out``/results.{md,json} and plots.
+
+    ``sampler_options`` (``spacing``, ``eta``, ``variance``, ``clip``, ``threshold``) apply to
+    every run, as in ``generation.generate``."""
     config, model, params, data_shape, step = generation.load_for_sampling(workdir)
     if len(data_shape) != 3:
         raise ValueError("evaluation applies to image data sets, not toy2d")
@@ -162,7 +169,7 @@ def sweep(
             ("json", "results.json"),
             ("tradeoff", "fd_vs_is.png"),
             ("accuracy", "accuracy_vs_w.png"),
-            ("steps", "fd_vs_steps.png"),
+            ("steps", "fd_vs_nfe.png"),
         ]
     }
     existing = [p for p in outputs.values() if os.path.exists(p)]
@@ -191,11 +198,15 @@ def sweep(
                 w=w,
                 method=spec.method,
                 steps=spec.steps,
+                **sampler_options,
             )
             chunks.append(np.asarray(result.samples))
         row = {
             "sampler": spec.method,
             "steps": spec.steps,
+            # network evaluations per sample: one denoiser call per step (on the doubled batch
+            # when guided)
+            "nfe": spec.steps,
             "w": w,
             **evaluate_images(reference, np.concatenate(chunks), labels),
         }
@@ -213,6 +224,7 @@ def sweep(
         "per_class": per_class,
         "seed": seed,
         "device": jax.devices()[0].device_kind,
+        "sampler_options": {k: v for k, v in sampler_options.items() if v is not None},
     }
     with open(outputs["json"], "w") as f:
         json.dump({**header, "rows": rows}, f, indent=1)
@@ -229,17 +241,22 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         f"Checkpoint `{header['workdir']}` step {header['checkpoint_step']}, data "
         f"`{header['dataset']}`, {header['per_class']} samples per class, seed {header['seed']}, "
         f"device {header['device']}. "
-        f"Classifier test accuracy {header['classifier_test_accuracy']:.4f}.",
+        f"Classifier test accuracy {header['classifier_test_accuracy']:.4f}."
+        + (
+            f" Sampler options: {header['sampler_options']}."
+            if header.get("sampler_options")
+            else ""
+        ),
         "",
         "FD: Frechet distance in the classifier's features to the real test set; floor: the same "
         "between real training and real test images with the same count (capped at the test set).",
         "",
-        "| sampler | steps | w | n | FD | FD floor | accuracy | IS | IS real test |",
+        "| sampler | NFE | w | n | FD | FD floor | accuracy | IS | IS real test |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sampler']} | {r['steps']} | {r['w']:g} | {r['n']} | {r['fd']:.3f} | "
+            f"| {r['sampler']} | {r['nfe']} | {r['w']:g} | {r['n']} | {r['fd']:.3f} | "
             f"{r['floor_fd']:.3f} | {r['accuracy']:.4f} | {r['is']:.3f} | {r['real_is']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -283,15 +300,17 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    for method in ("ddpm", "ddim"):
+    for method in dict.fromkeys(r["sampler"] for r in rows):
         s = sorted(
             (r for r in rows if r["sampler"] == method and r["w"] == steps_w),
-            key=lambda r: r["steps"],
+            key=lambda r: r["nfe"],
         )
         if s:
-            ax.plot([r["steps"] for r in s], [r["fd"] for r in s], "o-", label=method)
+            ax.plot([r["nfe"] for r in s], [r["fd"] for r in s], "o-", label=method)
+    if g:
+        ax.axhline(g[0]["floor_fd"], ls="--", c="gray", lw=1, label="real train vs test")
     ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
+    ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel("Frechet classifier distance")
     ax.set_title(f"w = {steps_w:g}", fontsize=9)
     ax.legend(fontsize=8)

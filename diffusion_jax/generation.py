@@ -9,8 +9,32 @@ import tempfile
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoints, models, samplers, sharding
-from diffusion_jax.schedules import respace
+from diffusion_jax import checkpoints, models, samplers, sharding, solvers
+from diffusion_jax.schedules import SPACINGS, respace
+
+
+def resolve_sampler(config, method: str | None, steps: int | None, spacing: str | None):
+    """``(method, steps, spacing)`` with the defaults filled in and checked against the config.
+
+    method: the config's ``sampler``. steps: the config's ``sample_steps`` when the method is the
+    config's own, else the solver's default (all T steps for ``ddpm``). spacing: the one the
+    solver is meant for (``solvers.Solver.spacing``).
+    """
+    method = config.sampler if method is None else method
+    solver = solvers.get(method)
+    T = config.num_timesteps
+    if steps is None:
+        steps = (
+            config.sample_steps if method == config.sampler else solvers.default_steps(method, T)
+        )
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise ValueError(
+            f"--steps must be in [1, {T}] (the model was trained with T={T}), got {steps}"
+        )
+    spacing = solver.spacing if spacing is None else spacing
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    return method, int(steps), spacing
 
 
 def generate(
@@ -24,40 +48,60 @@ def generate(
     w: float | None = None,
     method: str | None = None,
     steps: int | None = None,
+    spacing: str | None = None,
     eta: float = 0.0,
     num_snapshots: int = 0,
     timing: dict | None = None,
     mesh=None,
+    **settings,
 ) -> samplers.SampleResult:
     """Samples of shape (len(labels), *data_shape) from ``model`` with ``params``.
 
-    ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w``, ``method`` and
-    ``steps`` default to the config's ``guidance``, ``sampler`` and ``sample_steps``; ``timing``
-    is passed to :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh``
-    (default: this process's devices, when there are several; in a multi-process program pass
-    a mesh over all processes' devices and call this on every process).
+    ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w`` defaults to the
+    config's ``guidance``; ``method``, ``steps`` and ``spacing`` as :func:`resolve_sampler`;
+    further keywords (``variance``, ``clip``, ``threshold``, ``unroll``) are
+    :class:`~diffusion_jax.samplers.SamplerSettings` fields. ``timing`` is passed to
+    :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh`` (default: this
+    process's devices, when there are several; in a multi-process program pass a mesh over all
+    processes' devices and call this on every process).
     """
     if mesh is None and jax.local_device_count() > 1:
         mesh = sharding.data_mesh(jax.local_devices())
+    method, steps, spacing = resolve_sampler(config, method, steps, spacing)
     labels = np.asarray(labels)
     return samplers.sample(
         models.denoiser(model),
         params,
-        respace(
-            config.schedule, config.num_timesteps, config.sample_steps if steps is None else steps
-        ),
+        respace(config.schedule, config.num_timesteps, steps, spacing),
         key,
         (len(labels), *data_shape),
         num_classes=config.num_classes,
         labels=labels,
         w=config.guidance if w is None else w,
-        method=config.sampler if method is None else method,
         eta=eta,
+        method=method,
         prediction=config.prediction,
         num_snapshots=num_snapshots,
         timing=timing,
         mesh=mesh,
+        **settings,
     )
+
+
+def sampler_tag(method: str, steps: int, spacing: str, eta: float = 0.0, **settings) -> str:
+    """A file-name fragment naming every sampler choice that differs from the defaults, e.g.
+    ``dpmpp2m20`` or ``ddim50_eta0.5_quadratic_thr0.995``."""
+    solver = solvers.get(method)
+    tag = solver.tag(steps, eta)
+    if spacing != solver.spacing:
+        tag += f"_{spacing}"
+    if settings.get("variance", "small") != "small":
+        tag += f"_{settings['variance']}"
+    if settings.get("threshold") is not None:
+        tag += f"_thr{settings['threshold']:g}"
+    elif "clip" in settings and settings["clip"] is None:
+        tag += "_noclip"
+    return tag
 
 
 def load_for_sampling(path: str):
@@ -93,37 +137,36 @@ def sample_to_files(
     w: float | None = None,
     method: str | None = None,
     steps: int | None = None,
+    spacing: str | None = None,
     eta: float = 0.0,
     seed: int = 0,
     frames: int = 20,
     out: str | None = None,
     overwrite: bool = False,
     log=print,
+    **settings,
 ) -> dict[str, str]:
     """Sample a checkpoint and write the pictures and an ``.npz``; returns {kind: path}.
 
     Images: ``*_grid.png`` (one row per class), ``*_reverse.gif`` (``frames`` snapshots of the
     chain) and ``*_samples.npz`` (uint8 images, labels, settings). 2-D data: ``*_toy2d.png``
     (the full-length ancestral chain next to the requested few-step sampler, against the data)
-    and the ``.npz``. File names record step, sampler, steps, w and seed; existing files are
-    never replaced unless ``overwrite``.
+    and the ``.npz``. File names record step, sampler settings, w and seed; existing files are
+    never replaced unless ``overwrite``. ``method``, ``steps``, ``spacing`` default as
+    :func:`resolve_sampler`; further keywords are :class:`~diffusion_jax.samplers.SamplerSettings`
+    fields (``variance``, ``clip``, ``threshold``).
     """
     from diffusion_jax import data, images
 
     config, model, params, data_shape, step = load_for_sampling(workdir)
     is_2d = len(data_shape) == 1
-    method = method or config.sampler
     T = config.num_timesteps
-    if steps is None:
-        steps = T if method == "ddpm" else config.sample_steps
-    if not 1 <= steps <= T:
-        raise ValueError(
-            f"--steps must be in [1, {T}] (the model was trained with T={T}), got {steps}"
-        )
+    method, steps, spacing = resolve_sampler(config, method, steps, spacing)
+    samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work
     w = config.guidance if w is None else w
     if not is_2d and frames < 2:
         raise ValueError(f"--frames must be >= 2 (the GIF shows noise to samples), got {frames}")
-    name = f"step{step}_{method}{steps}" + (f"_eta{eta:g}" if method == "ddim" and eta else "")
+    name = f"step{step}_{sampler_tag(method, steps, spacing, eta, **settings)}"
     name += f"_w{w:g}_seed{seed}"
     if labels is None:
         per_class = (400 if is_2d else 8) if per_class is None else per_class
@@ -151,7 +194,7 @@ def sample_to_files(
 
     key = jax.random.PRNGKey(seed)
     timing: dict = {}
-    kw = dict(w=w, method=method, steps=steps, eta=eta)
+    kw = dict(w=w, method=method, steps=steps, spacing=spacing, eta=eta, **settings)
     result = generate(
         config,
         model,
@@ -172,7 +215,7 @@ def sample_to_files(
     if is_2d:
         full = np.asarray(
             generate(
-                config, model, params, data_shape, labels, key, w=w, method="ddpm", steps=T
+                config, model, params, data_shape, labels, key, **dict(kw, method="ddpm", steps=T)
             ).samples
         )
         real = data.load_dataset(config).test_x[: len(labels)]
@@ -193,6 +236,7 @@ def sample_to_files(
         w=w,
         sampler=method,
         steps=steps,
+        spacing=spacing,
         eta=eta,
         seed=seed,
         step=step,

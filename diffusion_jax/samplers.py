@@ -1,13 +1,11 @@
 """Samplers: the whole reverse chain in one ``jax.jit`` with ``lax.scan``.
 
 The entry point is :func:`sample`. It walks a :class:`~diffusion_jax.schedules.Schedule` from its
-last row (pure noise) to row 0 (the data):
-
-* ``method="ddpm"``: ancestral sampling, x_{k-1} = mu~(x_k, x0_hat) + sigma_k z, with
-  sigma_k^2 = beta~_k (``variance="small"``) or beta_k (``variance="large"``); no noise is added at
-  the last step. On a respaced schedule this is strided ancestral sampling.
-* ``method="ddim"``: x_{k-1} = sqrt(abar_{k-1}) x0_hat + sqrt(1 - abar_{k-1} - s^2) eps_hat + s z
-  with s = eta * sqrt(beta~_k); ``eta=0`` is deterministic, ``eta=1`` matches ancestral "small".
+last row (pure noise) to row 0 (the data) with one of the update rules registered in
+:mod:`diffusion_jax.solvers` (``ddpm``, ``ddim``, ``dpmpp2m``), chosen in a
+:class:`SamplerSettings`. Each step calls the denoiser once, turns its output into (x0_hat,
+eps_hat) (:func:`diffusion_jax.diffusion.to_x0_eps`, with fixed clipping or dynamic thresholding
+of x0_hat) and hands them to the solver, whose carry rides along in the scan.
 
 Classifier-free guidance uses eps_hat = (1 + w) eps(x, t, c) - w eps(x, t, null): ``w = 0`` is the
 plain conditional model, larger ``w`` follows the class more closely. The conditional and
@@ -15,14 +13,15 @@ unconditional outputs come from **one** call of the denoiser on the doubled batc
 the unconditional half is never built.
 
 What compiles: one XLA program per distinct (denoiser object, sample shape, number of schedule
-rows, method, variance, prediction, clip, num_snapshots, guided-or-not, null_label). The guidance
-weight, eta, the labels, the key, the parameters' values and the schedule's values are traced, so
-sweeping them reuses the compiled program. Pass the *same* denoiser object each time: a new
-lambda or ``functools.partial`` per call is a new static argument and recompiles.
+rows, :class:`SamplerSettings`, guided-or-not, null_label, mesh). The guidance weight, eta, the
+labels, the key, the parameters' values and the schedule's values are traced, so sweeping them
+reuses the compiled program. Pass the *same* denoiser object each time: a new lambda or
+``functools.partial`` per call is a new static argument and recompiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -32,11 +31,60 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import diffusion, sharding
+from diffusion_jax import diffusion, sharding, solvers
 from diffusion_jax.schedules import Schedule
 
-METHODS = ("ddpm", "ddim")
-VARIANCES = ("small", "large")
+METHODS = solvers.METHODS
+VARIANCES = solvers.VARIANCES
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """Everything about a chain that is fixed when it compiles (hashable, so a static argument).
+
+    method: a registered solver, ``solvers.METHODS``.
+    variance: "small" (beta~) or "large" (beta), for ``ddpm``.
+    prediction: what the network predicts, one of ``diffusion.PREDICTIONS``.
+    clip: clip predicted x_0 to this range (the data range is [-1, 1]); None disables.
+    threshold: if set, dynamic thresholding of predicted x_0 at this quantile of |x_0| per sample
+      (Saharia et al. use 0.995) instead of ``clip``.
+    num_snapshots: how many evenly spaced states of the chain to return (0 = none).
+    unroll: ``lax.scan`` unroll factor (a speed knob; results are identical).
+    """
+
+    method: str = "ddpm"
+    variance: str = "small"
+    prediction: str = "eps"
+    clip: tuple[float, float] | None = (-1.0, 1.0)
+    threshold: float | None = None
+    num_snapshots: int = 0
+    unroll: int = 1
+
+    def __post_init__(self):
+        solvers.get(self.method)
+        _check_choice("variance", self.variance, VARIANCES)
+        diffusion.check_prediction(self.prediction)
+        if self.clip is not None:
+            lo, hi = (float(c) for c in self.clip)
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"clip must be (lo, hi) with finite lo < hi, got {self.clip!r}")
+            object.__setattr__(self, "clip", (lo, hi))
+        if self.threshold is not None:
+            if not 0.0 < float(self.threshold) <= 1.0:
+                raise ValueError(
+                    "threshold is a quantile of |x0| in (0, 1] (e.g. 0.995), "
+                    f"got {self.threshold!r}"
+                )
+            object.__setattr__(self, "threshold", float(self.threshold))
+        for name, low in (("num_snapshots", 0), ("unroll", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    @property
+    def solver(self) -> solvers.Solver:
+        return solvers.get(self.method)
 
 
 class SampleResult(NamedTuple):
@@ -70,21 +118,6 @@ def guided_output(denoise_fn, params, x, t, labels, w, null_label: int, guided: 
     return (1.0 + w) * cond - w * uncond
 
 
-def ancestral_step(schedule: Schedule, k, x, x0, noise, variance: str):
-    """One DDPM step from row k to row k-1 (all rows of the batch at the same k, a scalar)."""
-    mean, small, _ = diffusion.q_posterior(schedule, x0, x, k)
-    var = small if variance == "small" else schedule.betas[k]
-    return mean + jnp.where(k > 0, jnp.sqrt(var), 0.0) * noise
-
-
-def ddim_step(schedule: Schedule, k, x0, eps, noise, eta):
-    """One DDIM step from row k to row k-1; at k = 0 it returns x0 exactly."""
-    abar_prev = schedule.alpha_bar_prev[k]
-    sigma = eta * jnp.sqrt(schedule.posterior_variance[k])
-    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0))
-    return jnp.sqrt(abar_prev) * x0 + direction * eps + sigma * noise
-
-
 def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
     """For each count of completed steps 0..K, the snapshot slot it fills, or S (a spare slot).
 
@@ -104,36 +137,37 @@ def reverse_step(
     schedule: Schedule,
     k,
     x,
+    carry,
     key_steps,
     labels,
     w,
     eta,
     *,
     denoise_fn,
-    method,
-    variance,
-    prediction,
-    clip,
-    guided,
-    null_label,
+    settings: SamplerSettings,
+    guided: bool,
+    null_label: int,
 ):
-    """One step of the reverse chain, from row ``k`` (a scalar) to row k-1: x (B, ...) -> (B, ...).
+    """One step of the reverse chain from row ``k`` (a scalar) to row k-1: ``(x, carry)`` ->
+    ``(x, carry)`` with x (B, ...) and the solver's carry.
 
-    The step's noise is drawn from ``fold_in(key_steps, k)``, so a chain built from this function
-    (the ``lax.scan`` of :func:`sample`, or a Python loop over a jitted copy) gives the same
-    samples for the same key.
+    The step's key is ``fold_in(key_steps, k)``, so a chain built from this function (the
+    ``lax.scan`` of :func:`sample`, or :func:`sample_python_loop`) gives the same samples for the
+    same key.
     """
     t = jnp.full((x.shape[0],), schedule.timesteps[k], jnp.int32)
     out = guided_output(denoise_fn, params, x, t, labels, w, null_label, guided)
     kk = jnp.full((x.shape[0],), k)
-    x0, eps = diffusion.to_x0_eps(schedule, prediction, out, x, kk, clip)
-    noise = jax.random.normal(jax.random.fold_in(key_steps, k), x.shape, jnp.float32)
-    if method == "ddpm":
-        return ancestral_step(schedule, k, x, x0, noise, variance)
-    return ddim_step(schedule, k, x0, eps, noise, eta)
+    x0, eps = diffusion.to_x0_eps(
+        schedule, settings.prediction, out, x, kk, settings.clip, settings.threshold
+    )
+    step_in = solvers.StepInput(
+        schedule, k, x, x0, eps, jax.random.fold_in(key_steps, k), eta, settings.variance
+    )
+    return settings.solver.step(step_in, carry)
 
 
-STEP_STATIC = ("denoise_fn", "method", "variance", "prediction", "clip", "guided", "null_label")
+STEP_STATIC = ("denoise_fn", "settings", "guided", "null_label")
 
 
 def initial_noise(key, shape):
@@ -142,24 +176,10 @@ def initial_noise(key, shape):
     return jax.random.normal(key_init, shape, jnp.float32), key_steps
 
 
-@functools.partial(
-    jax.jit, static_argnames=(*STEP_STATIC, "shape", "num_snapshots", "unroll", "mesh")
-)
-def _sample_chain(
-    params,
-    schedule: Schedule,
-    key,
-    labels,
-    w,
-    eta,
-    *,
-    shape,
-    num_snapshots,
-    unroll,
-    mesh,
-    **step_static,
-):
-    num_steps = schedule.num_steps
+@functools.partial(jax.jit, static_argnames=(*STEP_STATIC, "shape", "mesh"))
+def _sample_chain(params, schedule: Schedule, key, labels, w, eta, *, shape, mesh, **step_static):
+    settings = step_static["settings"]
+    num_steps, num_snapshots = schedule.num_steps, settings.num_snapshots
     x, key_steps = initial_noise(key, shape)
     if mesh is not None:  # the batch split over the mesh's devices; everything follows x
         x = jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh))
@@ -168,16 +188,55 @@ def _sample_chain(
     # One spare slot absorbs the writes of steps that are not snapshots: no branch in the loop.
     frames = jnp.zeros((num_snapshots + 1,) + shape, jnp.float32).at[slots[0]].set(x)
 
-    def step(carry, k):
-        x, frames = carry
-        x = reverse_step(params, schedule, k, x, key_steps, labels, w, eta, **step_static)
+    def step(state, k):
+        x, carry, frames = state
+        x, carry = reverse_step(
+            params, schedule, k, x, carry, key_steps, labels, w, eta, **step_static
+        )
         frames = frames.at[slots[num_steps - k]].set(x)
-        return (x, frames), None
+        return (x, carry, frames), None
 
-    (x, frames), _ = jax.lax.scan(
-        step, (x, frames), jnp.arange(num_steps - 1, -1, -1), unroll=unroll
+    init = (x, settings.solver.init(x), frames)
+    (x, _, frames), _ = jax.lax.scan(
+        step, init, jnp.arange(num_steps - 1, -1, -1), unroll=settings.unroll
     )
     return x, frames[:num_snapshots]
+
+
+class ChainCall(NamedTuple):
+    """A checked chain, ready to compile or run: ``_sample_chain(*args, **static)``.
+
+    ``args`` = (params, schedule, key, labels, w, eta), padded and replicated for a mesh; the
+    chain has ``static["shape"][0]`` rows, of which the first ``batch`` are the samples."""
+
+    args: tuple
+    static: dict
+    batch: int
+
+    def lower(self):
+        """The chain lowered for XLA (for FLOPs, HLO text, ahead-of-time compiling)."""
+        return _sample_chain.lower(*self.args, **self.static)
+
+    def compile(self):
+        """``(compiled, seconds)``: the chain compiled ahead of time (not kept in the jit
+        cache); call ``compiled(*self.args)``."""
+        start = time.perf_counter()
+        compiled = self.lower().compile()
+        return compiled, time.perf_counter() - start
+
+    def result(self, outputs) -> SampleResult:
+        """The chain's raw outputs as a :class:`SampleResult`, padding rows removed."""
+        samples, frames = outputs
+        if samples.shape[0] != self.batch:
+            samples, frames = samples[: self.batch], frames[:, : self.batch]
+        return SampleResult(samples, frames if self.static["settings"].num_snapshots else None)
+
+    def run(self, compiled=None) -> SampleResult:
+        """Run the chain (through the jit cache, or the given ahead-of-time program)."""
+        outputs = (
+            _sample_chain(*self.args, **self.static) if compiled is None else compiled(*self.args)
+        )
+        return self.result(outputs)
 
 
 @functools.cache
@@ -185,21 +244,24 @@ def _jitted_step(static_items):
     return jax.jit(functools.partial(reverse_step, **dict(static_items)))
 
 
-def sample_python_loop(denoise_fn, params, schedule: Schedule, key, labels, w, eta=0.0, **kw):
-    """The chain of :func:`sample` driven from Python, one jitted :func:`reverse_step` per
-    dispatch: a baseline for benchmarks (what compiling the whole chain with ``lax.scan`` buys).
+def jitted_step(call: ChainCall):
+    """:func:`reverse_step` of ``call``'s chain, jitted alone (one step per dispatch):
+    ``step(params, schedule, k, x, carry, key_steps, labels, w, eta) -> (x, carry)``."""
+    return _jitted_step(tuple(sorted((k, call.static[k]) for k in STEP_STATIC)))
 
-    ``labels`` int (B,) and the (B, ...) shape's tail given as ``shape=``; the keyword arguments
-    are :func:`reverse_step`'s static ones. Same key, same samples as :func:`sample` (up to
-    float rounding). Returns x_0, (B, ...).
-    """
-    shape = tuple(kw.pop("shape"))
-    step = _jitted_step(tuple(sorted(dict(kw, denoise_fn=denoise_fn).items())))
-    x, key_steps = initial_noise(key, shape)
-    labels, w = jnp.asarray(labels, jnp.int32), jnp.asarray(w, jnp.float32)
+
+def sample_python_loop(call: ChainCall) -> jnp.ndarray:
+    """The chain of ``call`` driven from Python, one jitted :func:`reverse_step` per dispatch: a
+    baseline for benchmarks (what compiling the whole chain with ``lax.scan`` buys). Same
+    samples as :func:`sample` for the same key (up to float rounding). Returns x_0, (batch, ...);
+    ``call`` must be prepared without a mesh."""
+    params, schedule, key, labels, w, eta = call.args
+    step = jitted_step(call)
+    x, key_steps = initial_noise(key, call.static["shape"])
+    carry = call.static["settings"].solver.init(x)
     for k in range(schedule.num_steps - 1, -1, -1):
-        x = step(params, schedule, jnp.int32(k), x, key_steps, labels, w, jnp.float32(eta))
-    return x
+        x, carry = step(params, schedule, jnp.int32(k), x, carry, key_steps, labels, w, eta)
+    return x[: call.batch]
 
 
 def _check_choice(name, value, allowed):
@@ -230,6 +292,15 @@ def check_labels(labels, num_classes: int, batch_size: int | None = None) -> Non
         )
 
 
+def _settings(settings: SamplerSettings | None, overrides: dict) -> SamplerSettings:
+    settings = SamplerSettings() if settings is None else settings
+    fields = {f.name for f in dataclasses.fields(SamplerSettings)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown sampler setting(s) {unknown}; the settings are {sorted(fields)}")
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
 def prepare_chain(
     denoise_fn: Callable,
     params,
@@ -240,33 +311,23 @@ def prepare_chain(
     num_classes: int,
     labels=None,
     w: float = 0.0,
-    method: str = "ddpm",
-    variance: str = "small",
     eta: float = 0.0,
-    prediction: str = "eps",
-    clip: tuple[float, float] | None = (-1.0, 1.0),
-    num_snapshots: int = 0,
-    unroll: int = 1,
+    settings: SamplerSettings | None = None,
     mesh=None,
-):
-    """``(args, static)`` such that ``_sample_chain(*args, **static)`` is the chain that
-    :func:`sample` runs with these arguments (checked, and padded for a ``mesh``). For tools that
-    compile and time the chain themselves (``_sample_chain.lower(*args, **static)``); the result
-    has ``static["shape"][0]`` rows, of which the first ``shape[0]`` are the samples."""
-    _check_choice("method", method, METHODS)
-    _check_choice("variance", variance, VARIANCES)
-    diffusion.check_prediction(prediction)
+    **overrides,
+) -> ChainCall:
+    """The :class:`ChainCall` that :func:`sample` runs with these arguments: checked, and padded
+    for a ``mesh``. For tools that compile, time or inspect the chain themselves."""
+    settings = _settings(settings, overrides)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or shape[0] < 1:
         raise ValueError(f"shape must be (batch, ...) with batch >= 1, got {shape}")
-    if not _is_concrete(eta) or float(eta) < 0:
-        raise ValueError(f"eta must be a number >= 0, got {eta!r}")
-    if not isinstance(num_snapshots, (int, np.integer)) or not (
-        0 <= num_snapshots <= schedule.num_steps + 1
-    ):
+    if not _is_concrete(eta) or not np.isfinite(float(eta)) or float(eta) < 0:
+        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if settings.num_snapshots > schedule.num_steps + 1:
         raise ValueError(
             f"num_snapshots must be in [0, {schedule.num_steps + 1}] (steps + 1), "
-            f"got {num_snapshots!r}"
+            f"got {settings.num_snapshots!r}"
         )
     w_arr = np.asarray(w, dtype=np.float64)
     if w_arr.ndim > 1 or (w_arr.ndim == 1 and w_arr.shape[0] != shape[0]):
@@ -294,17 +355,12 @@ def prepare_chain(
     static = dict(
         denoise_fn=denoise_fn,
         shape=shape,
-        method=method,
-        variance=variance,
-        prediction=prediction,
-        clip=None if clip is None else (float(clip[0]), float(clip[1])),
-        num_snapshots=int(num_snapshots),
+        settings=settings,
         guided=guided,
         null_label=int(num_classes),
-        unroll=int(unroll),
         mesh=mesh,
     )
-    return args, static
+    return ChainCall(args, static, batch)
 
 
 def sample(
@@ -317,15 +373,11 @@ def sample(
     num_classes: int,
     labels=None,
     w: float = 0.0,
-    method: str = "ddpm",
-    variance: str = "small",
     eta: float = 0.0,
-    prediction: str = "eps",
-    clip: tuple[float, float] | None = (-1.0, 1.0),
-    num_snapshots: int = 0,
-    unroll: int = 1,
+    settings: SamplerSettings | None = None,
     mesh=None,
     timing: dict | None = None,
+    **overrides,
 ) -> SampleResult:
     """Draw ``shape[0]`` samples by running the reverse chain of ``schedule`` on the device.
 
@@ -341,13 +393,10 @@ def sample(
       labels: int (B,) labels in [0, num_classes], per sample; None samples unconditionally.
       w: guidance weight >= 0, a Python number or a (B,) array of numbers (must be concrete: it
         decides whether the unconditional branch is compiled in). 0 = no guidance.
-      method: "ddpm" (ancestral) or "ddim".
-      variance: "small" (beta~) or "large" (beta) for "ddpm".
-      eta: DDIM noise scale >= 0 (0 = deterministic).
-      prediction: what the network predicts, one of ``diffusion.PREDICTIONS``.
-      clip: clip predicted x_0 to this range (the data range is [-1, 1]); None disables.
-      num_snapshots: how many evenly spaced states of the chain to return (0 = none).
-      unroll: ``lax.scan`` unroll factor (a speed knob; results are identical).
+      eta: DDIM noise scale >= 0 (0 = deterministic); traced, so sweeping it does not recompile.
+      settings: a :class:`SamplerSettings` (default: ancestral, small variance, eps, clip to
+        [-1, 1]); any of its fields may also be given as a keyword (``method="ddim"``,
+        ``clip=None``, ...), which overrides ``settings``.
       mesh: a ``jax.sharding.Mesh`` (e.g. ``sharding.data_mesh()``) to split the batch over its
         devices, parameters replicated; the batch is padded to a multiple of the device count.
         The same key gives the same samples with or without a mesh. The results are then global
@@ -359,7 +408,7 @@ def sample(
     Returns:
       A :class:`SampleResult` of float32 arrays.
     """
-    args, static = prepare_chain(
+    call = prepare_chain(
         denoise_fn,
         params,
         schedule,
@@ -368,25 +417,15 @@ def sample(
         num_classes=num_classes,
         labels=labels,
         w=w,
-        method=method,
-        variance=variance,
         eta=eta,
-        prediction=prediction,
-        clip=clip,
-        num_snapshots=num_snapshots,
-        unroll=unroll,
+        settings=settings,
         mesh=mesh,
+        **overrides,
     )
-    batch = int(shape[0])
     if timing is None:
-        samples, frames = _sample_chain(*args, **static)
-    else:
-        start = time.perf_counter()
-        compiled = _sample_chain.lower(*args, **static).compile()
-        timing["compile_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        samples, frames = jax.block_until_ready(compiled(*args))
-        timing["sample_s"] = time.perf_counter() - start
-    if samples.shape[0] != batch:
-        samples, frames = samples[:batch], frames[:, :batch]
-    return SampleResult(samples, frames if num_snapshots else None)
+        return call.run()
+    compiled, timing["compile_s"] = call.compile()
+    start = time.perf_counter()
+    outputs = jax.block_until_ready(compiled(*call.args))
+    timing["sample_s"] = time.perf_counter() - start
+    return call.result(outputs)

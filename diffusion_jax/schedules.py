@@ -166,11 +166,40 @@ def make_schedule(name: str, num_timesteps: int) -> Schedule:
     return _schedule(np.arange(alpha_bar.shape[0]), alpha_bar, alpha_bar)
 
 
-def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """K evenly spaced training timesteps, increasing, always containing T-1. Shape (K,), int.
+SPACINGS = ("uniform", "logsnr", "quadratic")
+
+
+def _distinct(timesteps: np.ndarray, num_timesteps: int) -> np.ndarray:
+    """Rounded increasing timesteps made strictly increasing within [0, T-1], ends kept.
+
+    Where rounding made neighbours collide (dense ends of a non-uniform spacing) each is pushed
+    just past the one before; a second pass from the top keeps the last at T-1.
+    """
+    t = np.round(timesteps).astype(np.int64)
+    for i in range(1, len(t)):
+        t[i] = max(t[i], t[i - 1] + 1)
+    t[-1] = num_timesteps - 1
+    for i in range(len(t) - 2, -1, -1):
+        t[i] = min(t[i], t[i + 1] - 1)
+    return t
+
+
+def respaced_timesteps(
+    num_timesteps: int, num_steps: int, spacing: str = "uniform", alpha_bar=None
+):
+    """K distinct training timesteps, increasing, always containing T-1. Shape (K,), int.
+
+    ``spacing`` chooses where the K steps go:
+
+    * ``"uniform"``: evenly spaced in t (DDIM's default);
+    * ``"logsnr"``: evenly spaced in log-SNR = log(abar / (1 - abar)) between the two ends
+      (DPM-Solver's choice: equal steps of its variable lambda = log-SNR / 2); needs
+      ``alpha_bar``, the training chain's (T,);
+    * ``"quadratic"``: t_i = (T-1) (i / (K-1))^2, dense near the data (the DDIM paper's CIFAR
+      setting).
 
     For K >= 2 both ends (0 and T-1) are included; K = 1 keeps only T-1 (one jump from noise to
-    data). K = T gives every timestep.
+    data). K = T gives every timestep, whatever the spacing.
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
@@ -180,17 +209,36 @@ def respaced_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
             f"num_steps must be in [1, {num_timesteps}] (the training chain has "
             f"{num_timesteps} steps), got {num_steps}"
         )
-    # Spacing (T-1)/(K-1) >= 1, so rounding keeps the K values distinct.
-    return np.round(np.linspace(num_timesteps - 1, 0, num_steps))[::-1].astype(np.int64)
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if num_steps == 1:
+        return np.array([num_timesteps - 1], np.int64)
+    u = np.linspace(0.0, 1.0, num_steps)
+    if spacing == "uniform":
+        # Spacing (T-1)/(K-1) >= 1, so rounding alone keeps the K values distinct.
+        return np.round(np.linspace(num_timesteps - 1, 0, num_steps))[::-1].astype(np.int64)
+    if spacing == "quadratic":
+        return _distinct((num_timesteps - 1) * u**2, num_timesteps)
+    if alpha_bar is None or np.shape(alpha_bar) != (num_timesteps,):
+        raise ValueError(
+            f"spacing='logsnr' needs the training alpha_bar of shape ({num_timesteps},)"
+        )
+    abar = np.asarray(alpha_bar, np.float64)
+    logsnr = np.log(abar) - np.log1p(-abar)  # decreasing in t
+    targets = logsnr[0] + u * (logsnr[-1] - logsnr[0])
+    # The fractional timestep of each target, interpolating log-SNR linearly between integers.
+    frac = np.interp(-targets, -logsnr, np.arange(num_timesteps, dtype=np.float64))
+    return _distinct(frac, num_timesteps)
 
 
-def respace(name: str, num_timesteps: int, num_steps: int) -> Schedule:
-    """The training schedule ``(name, T)`` restricted to ``num_steps`` (K) evenly spaced steps.
+def respace(name: str, num_timesteps: int, num_steps: int, spacing: str = "uniform") -> Schedule:
+    """The training schedule ``(name, T)`` restricted to ``num_steps`` (K) of its steps, placed by
+    ``spacing`` (one of ``SPACINGS``, see :func:`respaced_timesteps`).
 
     The cumulative alpha_bar of the kept timesteps is unchanged; the betas of the shorter chain are
     recomputed from it (beta'_k = 1 - abar[s_k] / abar[s_{k-1}]), so its forward marginals are
     exactly those of the full chain. K = T returns the full schedule.
     """
     alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
-    keep = respaced_timesteps(num_timesteps, num_steps)
+    keep = respaced_timesteps(num_timesteps, num_steps, spacing, alpha_bar)
     return _schedule(keep, alpha_bar[keep], alpha_bar)

@@ -74,3 +74,50 @@ def gaussian_chain_moments(alpha_bar, mu, std, method, variance="small", eta=0.0
             q = (-r * np.sqrt(1.0 - a) + d) * h
         m, v = p * m + q, p**2 * v + sigma2
     return m, v
+
+
+def gaussian_eps_np(x, alpha_bar, mu, std):
+    """Float64 optimal eps for N(mu, std^2 I) data at cumulative product ``alpha_bar``."""
+    return (
+        np.sqrt(1.0 - alpha_bar)
+        * (x - np.sqrt(alpha_bar) * mu)
+        / (alpha_bar * std**2 + 1.0 - alpha_bar)
+    )
+
+
+def dpmpp2m_reference(x_start, alpha_bar, eps_fn, lower_order_final=10):
+    """DPM-Solver++(2M) in float64, written from Lu et al. (2022), Algorithm 2, not the library.
+
+    ``alpha_bar`` (K,) are the cumulative products of the chain's rows, visited from the last
+    (noisiest) to row 0; ``eps_fn(x, i)`` the noise prediction at row i. After row 0 the chain
+    ends on the data prediction (sigma = 0). Chains of fewer than ``lower_order_final`` rows take
+    a first-order step into row 0, as the paper advises for short chains.
+    """
+    abar = np.asarray(alpha_bar, np.float64)
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    lam = np.log(alpha / sigma)
+    K = len(abar)
+    x = np.asarray(x_start, np.float64)
+    previous = None  # (x0 prediction, h) of the step before
+    for i in range(K - 1, -1, -1):
+        data = (x - sigma[i] * eps_fn(x, i)) / alpha[i]
+        if i == 0:
+            return data
+        h = lam[i - 1] - lam[i]
+        if previous is None or (i == 1 and K < lower_order_final):
+            d = data
+        else:
+            r = previous[1] / h
+            d = (1.0 + 1.0 / (2.0 * r)) * data - 1.0 / (2.0 * r) * previous[0]
+        x = sigma[i - 1] / sigma[i] * x - alpha[i - 1] * np.expm1(-h) * d
+        previous = (data, h)
+    return x
+
+
+def gaussian_flow(x_start, alpha_bar_start, alpha_bar_end, mu, std):
+    """The exact probability-flow ODE map for N(mu, std^2) data, float64: it keeps the standardised
+    value (x - sqrt(abar) mu) / sqrt(abar std^2 + 1 - abar) constant along the trajectory."""
+    z = (np.asarray(x_start, np.float64) - np.sqrt(alpha_bar_start) * mu) / np.sqrt(
+        alpha_bar_start * std**2 + 1.0 - alpha_bar_start
+    )
+    return np.sqrt(alpha_bar_end) * mu + np.sqrt(alpha_bar_end * std**2 + 1.0 - alpha_bar_end) * z

@@ -108,6 +108,28 @@ def test_clipping_keeps_x0_and_eps_consistent():
     np.testing.assert_allclose(rebuilt, xk, atol=1e-5)
 
 
+def test_dynamic_threshold_against_numpy():
+    rng = np.random.default_rng(0)
+    x0 = rng.normal(0, 1.5, (6, 4, 4, 1)).astype(np.float32)
+    x0[0] = np.clip(x0[0], -0.9, 0.9)  # already inside the data range: left alone
+    out = np.asarray(diffusion.dynamic_threshold(jnp.asarray(x0), 0.9))
+    flat = np.abs(x0.reshape(6, -1).astype(np.float64))
+    s = np.maximum(np.quantile(flat, 0.9, axis=1), 1.0)[:, None, None, None]
+    np.testing.assert_allclose(out, np.clip(x0, -s, s) / s, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out[0], x0[0])
+    assert np.abs(out).max() <= 1.0
+
+
+def test_thresholding_keeps_x0_and_eps_consistent():
+    k = jnp.full((8,), 90)
+    xk = jnp.linspace(-3, 3, 16).reshape(8, 2)
+    out = jnp.full((8, 2), -2.5)
+    x0, eps = diffusion.to_x0_eps(SCHEDULE, "eps", out, xk, k, clip=None, threshold=0.995)
+    raw, _ = diffusion.to_x0_eps(SCHEDULE, "eps", out, xk, k)
+    np.testing.assert_allclose(x0, diffusion.dynamic_threshold(raw, 0.995), rtol=1e-6)
+    np.testing.assert_allclose(diffusion.q_sample(SCHEDULE, x0, k, eps), xk, atol=1e-5)
+
+
 def test_unknown_prediction():
     with pytest.raises(ValueError, match="prediction must be one of"):
         diffusion.to_x0_eps(

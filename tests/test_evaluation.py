@@ -113,7 +113,7 @@ def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path):
         "--w",
         "0,1",
         "--samplers",
-        "ddim:2,ddpm",
+        "ddim:2,ddpm,dpmpp2m:3",
         "--guidance_sampler",
         "ddim:2",
         "--per_class",
@@ -128,19 +128,21 @@ def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path):
     assert sorted(os.listdir(out)) == [
         "accuracy_vs_w.png",
         "fd_vs_is.png",
-        "fd_vs_steps.png",
+        "fd_vs_nfe.png",
         "results.json",
         "results.md",
     ]
     result = json.load(open(os.path.join(out, "results.json")))
-    runs = [(r["sampler"], r["steps"], r["w"]) for r in result["rows"]]
-    assert runs == [("ddim", 2, 0.0), ("ddim", 2, 1.0), ("ddpm", 20, 1.0)]  # deduplicated
+    runs = [(r["sampler"], r["nfe"], r["w"]) for r in result["rows"]]
+    # deduplicated; "ddpm" alone is every training step
+    assert runs == [("ddim", 2, 0.0), ("ddim", 2, 1.0), ("ddpm", 20, 1.0), ("dpmpp2m", 3, 1.0)]
     for r in result["rows"]:
         assert r["n"] == 20 and r["floor_n"] == 20 and sum(r["class_counts"]) == 20
         assert 0 <= r["accuracy"] <= 1 and 1 <= r["is"] <= 10
         assert r["fd"] >= 0 and r["floor_fd"] >= 0
     table = open(os.path.join(out, "results.md")).read()
-    assert "| sampler | steps | w | n | FD | FD floor |" in table and table.count("| ddim |") == 2
+    assert "| sampler | NFE | w | n | FD | FD floor |" in table and table.count("| ddim |") == 2
+    assert "| dpmpp2m | 3 | 1 | 20 |" in table
     with pytest.raises(SystemExit):  # outputs exist: refused
         evaluate_script.main(args)
 

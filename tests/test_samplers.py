@@ -11,11 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from exact import gaussian_chain_moments, mixture_eps, mixture_params
+from exact import (
+    dpmpp2m_reference,
+    gaussian_chain_moments,
+    gaussian_eps_np,
+    gaussian_flow,
+    mixture_eps,
+    mixture_params,
+)
 
-from diffusion_jax import samplers
+from diffusion_jax import diffusion, samplers, schedules
 from diffusion_jax.samplers import sample
-from diffusion_jax.schedules import make_schedule, respace
+from diffusion_jax.schedules import make_schedule, respace, respaced_timesteps
 
 N = 4000
 MU, STD = np.array([0.5, -0.3]), 0.4
@@ -212,7 +219,7 @@ def test_determinism_and_snapshots(mixture):
     np.testing.assert_array_equal(one.snapshots[0], a.samples)  # a single frame is the result
 
 
-@pytest.mark.parametrize("method, w", [("ddpm", 0.0), ("ddim", 2.0)])
+@pytest.mark.parametrize("method, w", [("ddpm", 0.0), ("ddim", 2.0), ("dpmpp2m", 2.0)])
 def test_python_loop_and_unroll_match_the_scan(mixture, method, w):
     """The benchmark's baselines compute the same chain: a Python loop over the jitted step, and
     the scan at another unroll factor."""
@@ -224,42 +231,21 @@ def test_python_loop_and_unroll_match_the_scan(mixture, method, w):
     unrolled = sample(
         mixture_eps, params, sched, jax.random.PRNGKey(5), (16, 2), unroll=4, **kw
     ).samples
-    loop = samplers.sample_python_loop(
-        mixture_eps,
-        params,
-        sched,
-        jax.random.PRNGKey(5),
-        labels,
-        w,
-        0.5,
-        shape=(16, 2),
-        method=method,
-        variance="small",
-        prediction="eps",
-        clip=None,
-        guided=w > 0,
-        null_label=3,
-    )
+    call = samplers.prepare_chain(mixture_eps, params, sched, jax.random.PRNGKey(5), (16, 2), **kw)
+    loop = samplers.sample_python_loop(call)
     assert np.std(np.asarray(scan)) > 0.1  # real samples, not zeros
     np.testing.assert_allclose(unrolled, scan, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loop, scan, rtol=1e-5, atol=1e-5)
-
-
-def test_same_shapes_do_not_recompile(mixture):
-    T, params = mixture
-    sched = respace("cosine", T, 10)
-    kw = dict(num_classes=3, labels=np.arange(8) % 3, method="ddim")
-    sample(mixture_eps, params, sched, jax.random.PRNGKey(0), (8, 2), w=1.0, **kw)
-    before = samplers._sample_chain._cache_size()
-    for i, w in enumerate([0.5, 2.0, 4.0]):
-        sample(mixture_eps, params, sched, jax.random.PRNGKey(i), (8, 2), w=w, eta=0.3 * i, **kw)
-    assert samplers._sample_chain._cache_size() == before
 
 
 @pytest.mark.parametrize(
     "kw, match",
     [
         (dict(method="euler"), "method must be one of"),
+        (dict(threshold=1.5), "threshold is a quantile"),
+        (dict(threshold=float("nan")), "threshold is a quantile"),
+        (dict(clip=(1.0, -1.0)), "clip must be"),
+        (dict(unroll=0), "unroll must be"),
         (dict(variance="learned"), "variance must be one of"),
         (dict(eta=-0.1), "eta must be"),
         (dict(labels=np.array([0, 4])), r"labels must be in \[0, 3\]"),
@@ -276,3 +262,191 @@ def test_bad_arguments(kw, match):
     args = {"num_classes": 3, "labels": np.array([0, 1]), **kw}
     with pytest.raises(ValueError, match=match):
         sample(mixture_eps, {}, sched, jax.random.PRNGKey(0), (2, 2), **args)
+
+
+# ---------------------------------------------------------------- few-step solvers
+
+
+def gaussian_setup(T, schedule="cosine"):
+    return mixture_params(MU[None], STD, [1.0], make_schedule(schedule, T).alpha_bar)
+
+
+def run_chain(params, sched, method, n=N, key=0, **kw):
+    """Samples and the starting noise x_T (float64) of a chain on the 2-D Gaussian."""
+    kw = dict(num_classes=1, labels=np.zeros(n, np.int32), method=method, clip=None, **kw)
+    out = sample(mixture_eps, params, sched, jax.random.PRNGKey(key), (n, 2), **kw)
+    x_start, _ = samplers.initial_noise(jax.random.PRNGKey(key), (n, 2))
+    return out, np.asarray(x_start, np.float64)
+
+
+@pytest.mark.parametrize("steps, spacing", [(5, "uniform"), (10, "uniform"), (20, "logsnr")])
+def test_dpmpp2m_matches_float64_reference(steps, spacing):
+    """Sample by sample, against Algorithm 2 of the paper run in float64 (tests/exact.py)."""
+    T = 1000
+    sched = respace("cosine", T, steps, spacing)
+    out, x_start = run_chain(gaussian_setup(T), sched, "dpmpp2m", n=256)
+    abar = np.asarray(sched.alpha_bar, np.float64)
+    ref = dpmpp2m_reference(x_start, abar, lambda x, i: gaussian_eps_np(x, abar[i], MU, STD))
+    # float32: x0 from eps at the noisiest row divides by sqrt(abar) ~ 1e-3 (cosine, T = 1000),
+    # which magnifies the rounding of x and eps; an error in the update rule would be far larger
+    np.testing.assert_allclose(out.samples, ref, rtol=0, atol=1e-3)
+    assert np.mean(np.abs(np.asarray(out.samples) - ref)) < 1e-4
+
+
+def affine_moments(samples, x_start):
+    """Mean and variance of a deterministic sampler's output for x_T ~ N(0, I): on Gaussian data
+    with the exact denoiser every step is affine, so output = p x_T + q per dimension; a least
+    squares fit recovers (p, q) exactly (no Monte-Carlo error) and the moments are (q, p^2)."""
+    y = np.asarray(samples, np.float64)
+    moments = []
+    for d in range(y.shape[1]):
+        p, q = np.polyfit(x_start[:, d], y[:, d], 1)
+        moments.append((q, p**2))
+    mean, var = np.array(moments).T
+    return mean, var
+
+
+@pytest.mark.parametrize("steps", [10, 20])
+def test_dpmpp2m_closer_to_the_data_than_ddim(steps):
+    """Each on the spacing it is registered with (DDIM uniform in t, DPM-Solver++ its own)."""
+    from diffusion_jax import solvers
+
+    T = 1000
+    params = gaussian_setup(T)
+    errors = {}
+    for method in ("ddim", "dpmpp2m"):
+        sched = respace("cosine", T, steps, solvers.get(method).spacing)
+        out, x_start = run_chain(params, sched, method, n=512)
+        mean, var = affine_moments(out.samples, x_start)
+        errors[method] = np.max(np.abs(mean - MU)) / STD + np.max(np.abs(var / STD**2 - 1))
+        if method == "ddim":  # the fit agrees with DDIM's own float64 moment propagation
+            exact = gaussian_chain_moments(sched.alpha_bar, MU, STD, "ddim")
+            np.testing.assert_allclose((mean, var), exact, rtol=1e-3, atol=1e-4)
+    assert errors["dpmpp2m"] < 0.5 * errors["ddim"], errors
+
+
+def lambda_uniform_chain(steps, T=1025):
+    """A training chain whose half log-SNR falls linearly from 5 to -5 over T steps, and its
+    ``steps``-row respacing: with T - 1 = 1024 the rows are exactly evenly spaced in lambda for
+    steps = 2^j + 1, so doubling the steps halves the solver's step h. (Named schedules cannot
+    do this: near the data, consecutive integer timesteps are already ~0.35 apart in lambda.)"""
+    alpha_bar = 1.0 / (1.0 + np.exp(-2.0 * np.linspace(5.0, -5.0, T)))
+    keep = respaced_timesteps(T, steps)
+    return alpha_bar, schedules._schedule(keep, alpha_bar[keep], alpha_bar)
+
+
+def global_error(method, steps):
+    """Mean |x - exact ODE solution| at row 0 (the last noise level, before the final jump to
+    the data) for the 2-D Gaussian."""
+    alpha_bar, sched = lambda_uniform_chain(steps)
+    params = mixture_params(MU[None], STD, [1.0], alpha_bar)
+    out, x_start = run_chain(params, sched, method, n=256, num_snapshots=steps + 1)
+    abar = np.asarray(sched.alpha_bar, np.float64)
+    exact = gaussian_flow(x_start, abar[-1], abar[0], MU, STD)
+    return np.mean(np.abs(np.asarray(out.snapshots[-2], np.float64) - exact))
+
+
+def test_global_error_orders():
+    """DPM-Solver++(2M)'s global error falls at second order as the step count doubles; DDIM's,
+    measured the same way, at first order (a control that the measurement tells them apart)."""
+    # 17 is the first count past the pre-asymptotic range (tests/exact.py reference: error ratios
+    # 1.4, 3.5, 3.9, 4.0 from 9 to 129 steps)
+    steps = np.array([17, 33, 65, 129])
+    slopes = {}
+    for method in ("ddim", "dpmpp2m"):
+        errors = np.array([global_error(method, int(k)) for k in steps])
+        slopes[method] = np.polyfit(np.log(steps - 1.0), np.log(errors), 1)[0]
+    assert -2.2 < slopes["dpmpp2m"] < -1.8, slopes
+    assert -1.2 < slopes["ddim"] < -0.8, slopes
+
+
+def test_one_denoiser_call_per_step_with_guidance():
+    sched = respace("cosine", 50, 7)
+    batches = []
+    sample(
+        counting_denoiser(batches),
+        {},
+        sched,
+        jax.random.PRNGKey(0),
+        (8, 2),
+        num_classes=3,
+        labels=np.zeros(8, np.int32),
+        w=1.5,
+        method="dpmpp2m",
+    )
+    assert batches == [16]  # traced once inside lax.scan: one doubled-batch call per step
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v", "mean"])
+def test_dpmpp2m_with_every_prediction_type(prediction):
+    """The same chain whatever the network predicts: an exact denoiser converted to each
+    parameterisation gives the eps-prediction samples."""
+    T = 200
+    params, sched = gaussian_setup(T), respace("cosine", T, 10)
+    full = make_schedule("cosine", T)
+
+    def as_prediction(p, x, t, labels):
+        eps = mixture_eps(p, x, t, labels)
+        x0 = diffusion.x0_from_eps(full, x, t, eps)
+        return diffusion.target(full, prediction, x0, x, t, eps)
+
+    kw = dict(num_classes=1, labels=np.zeros(64, np.int32), method="dpmpp2m", clip=None, w=1.0)
+    ref = sample(mixture_eps, params, sched, jax.random.PRNGKey(3), (64, 2), **kw).samples
+    out = sample(
+        as_prediction, params, sched, jax.random.PRNGKey(3), (64, 2), prediction=prediction, **kw
+    ).samples
+    np.testing.assert_allclose(out, ref, atol=2e-4)
+
+
+def test_dynamic_threshold_reaches_the_samples():
+    """A denoiser predicting a fixed x0: the last step returns x0_hat, so the samples are that
+    x0 after fixed clipping, or after dynamic thresholding (numpy, per sample)."""
+    target = np.array([[3.0, 0.5], [0.2, -0.4]], np.float32)
+
+    def fixed_x0(params, x, t, labels):
+        return jnp.broadcast_to(jnp.asarray(target), x.shape)
+
+    sched = respace("cosine", 50, 5)
+    kw = dict(num_classes=1, labels=np.zeros(2, np.int32), prediction="x0")
+    for method in ("ddim", "dpmpp2m"):
+        clipped = sample(fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), method=method, **kw)
+        dynamic = sample(
+            fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), method=method, threshold=1.0, **kw
+        )
+        np.testing.assert_allclose(clipped.samples, np.clip(target, -1, 1), atol=1e-6)
+        s = np.maximum(np.quantile(np.abs(target.astype(np.float64)), 1.0, axis=1), 1.0)
+        np.testing.assert_allclose(dynamic.samples, target / s[:, None], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ddim", "dpmpp2m"])
+def test_w_eta_labels_and_key_do_not_recompile(mixture, method):
+    T, params = mixture
+    sched = respace("cosine", T, 10)
+    kw = dict(num_classes=3, method=method)
+    sample(
+        mixture_eps,
+        params,
+        sched,
+        jax.random.PRNGKey(0),
+        (8, 2),
+        w=1.0,
+        labels=np.arange(8) % 3,
+        **kw,
+    )
+    before = samplers._sample_chain._cache_size()
+    for i, w in enumerate([0.5, 2.0, 4.0]):
+        labels = (np.arange(8) + i) % 3
+        key = jax.random.PRNGKey(i)
+        sample(mixture_eps, params, sched, key, (8, 2), w=w, labels=labels, eta=0.3 * i, **kw)
+    assert samplers._sample_chain._cache_size() == before
+
+
+def test_registry_drives_the_choices():
+    from diffusion_jax import solvers
+
+    assert samplers.METHODS == tuple(solvers.SOLVERS) == ("ddpm", "ddim", "dpmpp2m")
+    assert solvers.default_steps("ddpm", 1000) == 1000
+    assert solvers.default_steps("dpmpp2m", 1000) == 20
+    assert solvers.default_steps("dpmpp2m", 8) == 8
+    with pytest.raises(ValueError, match="registered samplers"):
+        solvers.get("euler")

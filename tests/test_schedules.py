@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from diffusion_jax import schedules
-from diffusion_jax.schedules import make_schedule, respace, respaced_timesteps
+from diffusion_jax.schedules import (
+    SPACINGS,
+    get_betas,
+    make_schedule,
+    respace,
+    respaced_timesteps,
+)
 
 
 def reference_alpha_bar(name, T):
@@ -88,9 +94,43 @@ def test_respaced_timesteps_even():
     np.testing.assert_array_equal(respaced_timesteps(1000, 5), [0, 250, 500, 749, 999])
 
 
+def training_log_snr(name, T):
+    alpha_bar = np.cumprod(1.0 - get_betas(name, T))
+    return alpha_bar, np.log(alpha_bar / (1.0 - alpha_bar))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("T, K", [(1000, 10), (1000, 20), (30, 29), (30, 30), (50, 2), (50, 1)])
+def test_spacings_keep_distinct_steps_and_both_ends(spacing, T, K):
+    alpha_bar, _ = training_log_snr("cosine", T)
+    ts = respaced_timesteps(T, K, spacing, alpha_bar)
+    assert ts.shape == (K,) and ts[-1] == T - 1 and np.all(np.diff(ts) > 0)
+    assert K == 1 or ts[0] == 0
+    assert np.all(respace("cosine", T, K, spacing).timesteps == ts)
+
+
+def test_quadratic_spacing_is_the_formula():
+    i = np.arange(10) / 9.0
+    np.testing.assert_array_equal(respaced_timesteps(1000, 10, "quadratic"), np.round(999 * i**2))
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_logsnr_spacing_is_even_in_log_snr(name):
+    """Each kept step is within one timestep of the one whose log-SNR is nearest its target, the
+    targets being evenly spaced between the two ends (brute force over all timesteps)."""
+    T, K = 1000, 12
+    alpha_bar, logsnr = training_log_snr(name, T)
+    ts = respaced_timesteps(T, K, "logsnr", alpha_bar)
+    targets = np.linspace(logsnr[0], logsnr[-1], K)
+    nearest = np.argmin(np.abs(logsnr[None, :] - targets[:, None]), axis=1)
+    assert np.all(np.abs(ts - nearest) <= 1), (ts, nearest)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
+        (lambda: respace("linear", 10, 3, "log"), "spacing must be one of"),
+        (lambda: respaced_timesteps(10, 3, "logsnr"), "needs the training alpha_bar"),
         (lambda: make_schedule("quadratic", 10), "schedule must be one of"),
         (lambda: make_schedule("linear", 0), "num_timesteps"),
         (lambda: make_schedule("linear", 2.5), "num_timesteps"),
