@@ -101,6 +101,37 @@ def _restore(mngr, directory: str, step: int, **items):
         ) from e
 
 
+def _check_finite(tree, directory: str, step: int, all_steps) -> None:
+    """CheckpointError unless every floating-point array of ``tree`` is finite: Orbax restores
+    damaged bytes or a diverged run's values without complaint, and they would be sampled into
+    black images or resumed into every later checkpoint."""
+    import jax
+    import numpy as np
+
+    def local(leaf):  # this process's copy (the restored arrays are replicated)
+        return np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+
+    bad = [
+        jax.tree_util.keystr(path)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+        if np.issubdtype(local(leaf).dtype, np.inexact) and not np.all(np.isfinite(local(leaf)))
+    ]
+    if bad:
+        others = sorted(s for s in all_steps if s != step)
+        if others:
+            fix = (
+                f"Move {os.path.join(directory, str(step))!r} out of {directory!r} to resume from "
+                f"step {others[-1]}, or sample from --workdir "
+                f"{os.path.join(directory, str(others[-1]))}."
+            )
+        else:
+            fix = "It is the only checkpoint here: train again in a new --workdir."
+        raise CheckpointError(
+            f"checkpoint {os.path.join(directory, str(step))!r} holds non-finite values in "
+            f"{len(bad)} array(s) (e.g. {bad[0]}): it is damaged. {fix}"
+        )
+
+
 def read_meta(mngr, directory: str, step: int) -> tuple[config_lib.Config, tuple[int, ...]]:
     """``(config, data_shape)`` stored with ``step``, after checking the checkpoint is ours."""
     meta = _restore(mngr, directory, step, meta=ocp.args.JsonRestore()).meta
@@ -126,6 +157,7 @@ def restore_train(mngr, directory: str, step: int, state_target, ema_target):
         state=ocp.args.StandardRestore(state_target),
         ema=ocp.args.StandardRestore(ema_target),
     )
+    _check_finite((r.state, r.ema), directory, step, mngr.all_steps())
     return r.state, r.ema
 
 
@@ -146,4 +178,6 @@ def read_config(path: str) -> tuple[config_lib.Config, tuple[int, ...]]:
 
 def restore_ema(mngr, directory: str, step: int, ema_target):
     """Only the EMA parameters of ``step`` (the optimizer state is not read)."""
-    return _restore(mngr, directory, step, ema=ocp.args.StandardRestore(ema_target)).ema
+    ema = _restore(mngr, directory, step, ema=ocp.args.StandardRestore(ema_target)).ema
+    _check_finite(ema, directory, step, mngr.all_steps())
+    return ema

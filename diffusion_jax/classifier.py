@@ -11,6 +11,7 @@ import functools
 import hashlib
 import math
 import os
+import shutil
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -173,15 +174,33 @@ def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> None:
         "num_classes": clf.model.num_classes,
         "feature_dim": clf.model.feature_dim,
     }
-    with checkpoints.manager(directory, max_to_keep=1) as mngr:
-        mngr.save(
-            0,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(clf.params), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        mngr.wait_until_finished()
+    # Written beside the cache folder and renamed into place when complete, so an interrupted
+    # save never leaves a half-written cache where a finished one is expected.
+    directory = os.path.abspath(directory)
+    tmp = f"{directory}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with checkpoints.manager(tmp, max_to_keep=1) as mngr:
+            mngr.save(
+                0,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(clf.params), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            mngr.wait_until_finished()
+        if _unfinished(directory):
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)  # fails if the folder holds anything else: nothing is lost
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unfinished(directory: str) -> bool:
+    """Whether ``directory`` holds nothing but what an interrupted Orbax save leaves: steps
+    written under a temporary name, never renamed to their final one."""
+    entries = os.listdir(directory) if os.path.isdir(directory) else []
+    return bool(entries) and all(".orbax-checkpoint-tmp" in e for e in entries)
 
 
 def load(directory: str, dataset) -> TrainedClassifier:
@@ -236,10 +255,12 @@ def default_dir(dataset) -> str:
 def get_classifier(dataset, directory: str | None = None, log=print, **train_kw):
     """The cached classifier for ``dataset`` (trained and cached on first use)."""
     directory = directory or default_dir(dataset)
-    if os.path.isdir(directory) and os.listdir(directory):
+    if os.path.isdir(directory) and os.listdir(directory) and not _unfinished(directory):
         clf = load(directory, dataset)
         log(f"classifier from {directory}: test accuracy {clf.test_accuracy:.4f}")
     else:
+        if _unfinished(directory):
+            log(f"{directory} holds only an unfinished (interrupted) save: retraining")
         clf = train_classifier(dataset, log=log, **train_kw)
         save(clf, directory, dataset.name)
         log(f"classifier trained and saved to {directory}: test accuracy {clf.test_accuracy:.4f}")

@@ -17,7 +17,8 @@ def _error_kinds():
     from diffusion_jax.training import TrainingDivergedError
 
     user = (ValueError, CheckpointError, DataUnavailableError, FileExistsError, PermissionError)
-    return user, (TrainingDivergedError,)
+    # Any other OSError (a full disk, a vanished folder) names its path and cause: one line.
+    return user, (TrainingDivergedError, OSError)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import numpy as np
 
 from diffusion_jax import classifier as classifier_lib
 from diffusion_jax import data, generation, metrics, solvers
+from diffusion_jax import images as images_lib
 
 
 class SamplerSpec(NamedTuple):
@@ -226,9 +227,9 @@ def sweep(
         "device": jax.devices()[0].device_kind,
         "sampler_options": {k: v for k, v in sampler_options.items() if v is not None},
     }
-    with open(outputs["json"], "w") as f:
+    with images_lib.written(outputs["json"]) as tmp, open(tmp, "w") as f:
         json.dump({**header, "rows": rows}, f, indent=1)
-    with open(outputs["md"], "w") as f:
+    with images_lib.written(outputs["md"]) as tmp, open(tmp, "w") as f:
         f.write(markdown_table(rows, header))
     plot_sweep(rows, guidance_spec, steps_w, outputs)
     for path in outputs.values():
@@ -287,7 +288,8 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     ax.set_ylabel("Frechet classifier distance")
     ax.set_title(f"guidance trade-off ({guidance_spec})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(outputs["tradeoff"], dpi=90)
+    with images_lib.written(outputs["tradeoff"]) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
@@ -296,7 +298,8 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     ax.set_ylabel("conditional accuracy")
     ax.set_ylim(0, 1.02)
     fig.tight_layout()
-    fig.savefig(outputs["accuracy"], dpi=90)
+    with images_lib.written(outputs["accuracy"]) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
@@ -315,7 +318,8 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     ax.set_title(f"w = {steps_w:g}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(outputs["steps"], dpi=90)
+    with images_lib.written(outputs["steps"]) as tmp:
+        fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -156,11 +157,8 @@ def sample_to_files(
     :func:`resolve_sampler`; further keywords are :class:`~diffusion_jax.samplers.SamplerSettings`
     fields (``variance``, ``clip``, ``threshold``).
     """
-    from diffusion_jax import data, images
-
     config, model, params, data_shape, step = load_for_sampling(workdir)
     is_2d = len(data_shape) == 1
-    T = config.num_timesteps
     method, steps, spacing = resolve_sampler(config, method, steps, spacing)
     samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work
     w = config.guidance if w is None else w
@@ -212,7 +210,36 @@ def sample_to_files(
         f"compile {timing['compile_s']:.1f} s, sampling {timing['sample_s']:.2f} s"
     )
     samples = np.asarray(result.samples)
-    if is_2d:
+    if not np.all(np.isfinite(samples)):
+        raise ValueError(
+            f"{np.sum(~np.isfinite(samples))} sample values are NaN or infinite, so nothing was "
+            f"written: the parameters of {workdir!r} step {step} give non-finite outputs (a "
+            "diverged run?). Sample from an earlier checkpoint with --workdir "
+            f"{os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
+        )
+    try:
+        _write_outputs(
+            paths, config, model, params, data_shape, labels, key, kw, result, step, seed
+        )
+    except BaseException:
+        # all or nothing: a file left from a failed call would block the rerun (FileExistsError)
+        for path in paths.values():
+            if path not in existing:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+        raise
+    for path in paths.values():
+        log(f"wrote {path}")
+    return paths
+
+
+def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, result, step, seed):
+    """The files of :func:`sample_to_files` (each written under a temporary name first)."""
+    from diffusion_jax import data, images
+
+    samples = np.asarray(result.samples)
+    T, method, steps = config.num_timesteps, kw["method"], kw["steps"]
+    if len(data_shape) == 1:
         full = np.asarray(
             generate(
                 config, model, params, data_shape, labels, key, **dict(kw, method="ddpm", steps=T)
@@ -233,14 +260,11 @@ def sample_to_files(
         paths["samples"],
         samples,
         labels,
-        w=w,
+        w=kw["w"],
         sampler=method,
         steps=steps,
-        spacing=spacing,
-        eta=eta,
+        spacing=kw["spacing"],
+        eta=kw["eta"],
         seed=seed,
         step=step,
     )
-    for path in paths.values():
-        log(f"wrote {path}")
-    return paths

@@ -3,6 +3,7 @@ plots, and the ``.npz`` files that evaluation reads. Inputs are in the model ran
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -69,8 +70,8 @@ def save_grid(samples, labels, path: str, null_label: int = 10, scale: int = 2) 
     for side in ax.spines.values():
         side.set_visible(False)
     fig.subplots_adjust(left=0.5 / fig_w, right=1, top=1, bottom=0)
-    _ensure_parent(path)
-    fig.savefig(path)
+    with written(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -86,8 +87,8 @@ def save_gif(
         img = Image.fromarray(mosaic.squeeze(-1) if mosaic.shape[-1] == 1 else mosaic)
         frames.append(img.resize((img.width * scale, img.height * scale), Image.NEAREST))
     durations = [frame_ms] * (len(frames) - 1) + [hold_last_ms]
-    _ensure_parent(path)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    with written(path) as tmp:
+        frames[0].save(tmp, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
 def save_npz(path: str, samples, labels, **metadata) -> None:
@@ -95,13 +96,13 @@ def save_npz(path: str, samples, labels, **metadata) -> None:
     int labels, and scalar metadata (guidance, sampler, steps, seed...)."""
     samples = np.asarray(samples)
     payload = to_uint8(samples) if samples.ndim == 4 else samples.astype(np.float32)
-    _ensure_parent(path)
-    np.savez_compressed(
-        path,
-        samples=payload,
-        labels=np.asarray(labels, np.int32),
-        **{k: np.asarray(v) for k, v in metadata.items()},
-    )
+    with written(path) as tmp:
+        np.savez_compressed(
+            tmp,
+            samples=payload,
+            labels=np.asarray(labels, np.int32),
+            **{k: np.asarray(v) for k, v in metadata.items()},
+        )
 
 
 def save_toy2d_plot(real, panels: dict[str, np.ndarray], path: str) -> None:
@@ -122,11 +123,25 @@ def save_toy2d_plot(real, panels: dict[str, np.ndarray], path: str) -> None:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    _ensure_parent(path)
-    fig.savefig(path, dpi=80)
+    with written(path) as tmp:
+        fig.savefig(tmp, dpi=80)
     plt.close(fig)
 
 
-def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def written(path: str):
+    """Yield a temporary name beside ``path`` to write to; it becomes ``path`` only when the
+    block ends without an error, so a full disk or a crash never leaves a truncated file where a
+    finished one is expected (and no half-written file blocks the rerun). The temporary name
+    keeps the extension, which matplotlib, PIL and numpy read the format from."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".partial-{os.getpid()}-{name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise

@@ -169,16 +169,25 @@ def make_schedule(name: str, num_timesteps: int) -> Schedule:
 SPACINGS = ("uniform", "logsnr", "quadratic")
 
 
-def _distinct(timesteps: np.ndarray, num_timesteps: int) -> np.ndarray:
-    """Rounded increasing timesteps made strictly increasing within [0, T-1], ends kept.
+# The noisy end of the "logsnr" spacing: half log-SNR -5.1, where sqrt(alpha_bar) ~ 0.006 (the
+# level DDPM's linear schedule ends at). Below it a chain only walks pure noise: the cosine
+# schedule's last ten steps fall to half log-SNR -9.9, where x0 predicted from eps is the noise
+# magnified by 1 / sqrt(alpha_bar) ~ 2e4, and the logsnr spacing would put a third of its steps
+# there (diffusers' DPM-Solver clips lambda at the same value for the same reason).
+LOGSNR_MIN = -10.2
+
+
+def _distinct(timesteps: np.ndarray, last: int) -> np.ndarray:
+    """Rounded increasing timesteps made strictly increasing, the first 0 and the last ``last``.
 
     Where rounding made neighbours collide (dense ends of a non-uniform spacing) each is pushed
-    just past the one before; a second pass from the top keeps the last at T-1.
+    just past the one before; a second pass from the top keeps the last at ``last``.
     """
     t = np.round(timesteps).astype(np.int64)
+    t[0] = 0
     for i in range(1, len(t)):
         t[i] = max(t[i], t[i - 1] + 1)
-    t[-1] = num_timesteps - 1
+    t[-1] = last
     for i in range(len(t) - 2, -1, -1):
         t[i] = min(t[i], t[i + 1] - 1)
     return t
@@ -186,49 +195,55 @@ def _distinct(timesteps: np.ndarray, num_timesteps: int) -> np.ndarray:
 
 def respaced_timesteps(
     num_timesteps: int, num_steps: int, spacing: str = "uniform", alpha_bar=None
-):
-    """K distinct training timesteps, increasing, always containing T-1. Shape (K,), int.
+) -> np.ndarray:
+    """K distinct training timesteps, increasing. Shape (K,), int.
 
     ``spacing`` chooses where the K steps go:
 
     * ``"uniform"``: evenly spaced in t (DDIM's default);
-    * ``"logsnr"``: evenly spaced in log-SNR = log(abar / (1 - abar)) between the two ends
-      (DPM-Solver's choice: equal steps of its variable lambda = log-SNR / 2); needs
-      ``alpha_bar``, the training chain's (T,);
     * ``"quadratic"``: t_i = (T-1) (i / (K-1))^2, dense near the data (the DDIM paper's CIFAR
-      setting).
+      setting);
+    * ``"logsnr"``: evenly spaced in log-SNR = log(abar / (1 - abar)) (DPM-Solver's choice: equal
+      steps of its variable lambda = log-SNR / 2), from t = 0 up to the last timestep whose
+      log-SNR is at least ``LOGSNR_MIN`` (T-1 itself when the schedule ends above it, as the
+      linear one does); needs ``alpha_bar``, the training chain's (T,).
 
-    For K >= 2 both ends (0 and T-1) are included; K = 1 keeps only T-1 (one jump from noise to
-    data). K = T gives every timestep, whatever the spacing.
+    For K >= 2 both ends are included (0 and T-1, or the logsnr spacing's last step); K = 1
+    keeps only T-1 (one jump from noise to data). K = T gives every timestep for "uniform" and
+    "quadratic".
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
         raise ValueError(f"num_steps must be an integer in [1, {num_timesteps}], got {num_steps!r}")
-    if not 1 <= num_steps <= num_timesteps:
-        raise ValueError(
-            f"num_steps must be in [1, {num_timesteps}] (the training chain has "
-            f"{num_timesteps} steps), got {num_steps}"
-        )
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    last = num_timesteps - 1
+    if spacing == "logsnr":
+        if alpha_bar is None or np.shape(alpha_bar) != (num_timesteps,):
+            raise ValueError(
+                f"spacing='logsnr' needs the training alpha_bar of shape ({num_timesteps},)"
+            )
+        abar = np.asarray(alpha_bar, np.float64)
+        logsnr = np.log(abar) - np.log1p(-abar)  # decreasing in t
+        last = int(np.nonzero(logsnr >= min(LOGSNR_MIN, logsnr[0]))[0][-1])
+    if not 1 <= num_steps <= last + 1:
+        where = "" if last == num_timesteps - 1 else f", {last + 1} above the log-SNR floor"
+        raise ValueError(
+            f"num_steps must be in [1, {last + 1}] (the training chain has {num_timesteps} "
+            f"steps{where}), got {num_steps}"
+        )
     if num_steps == 1:
-        return np.array([num_timesteps - 1], np.int64)
+        return np.array([last], np.int64)
     u = np.linspace(0.0, 1.0, num_steps)
     if spacing == "uniform":
         # Spacing (T-1)/(K-1) >= 1, so rounding alone keeps the K values distinct.
-        return np.round(np.linspace(num_timesteps - 1, 0, num_steps))[::-1].astype(np.int64)
+        return np.round(np.linspace(last, 0, num_steps))[::-1].astype(np.int64)
     if spacing == "quadratic":
-        return _distinct((num_timesteps - 1) * u**2, num_timesteps)
-    if alpha_bar is None or np.shape(alpha_bar) != (num_timesteps,):
-        raise ValueError(
-            f"spacing='logsnr' needs the training alpha_bar of shape ({num_timesteps},)"
-        )
-    abar = np.asarray(alpha_bar, np.float64)
-    logsnr = np.log(abar) - np.log1p(-abar)  # decreasing in t
-    targets = logsnr[0] + u * (logsnr[-1] - logsnr[0])
+        return _distinct(last * u**2, last)
+    targets = logsnr[0] + u * (logsnr[last] - logsnr[0])
     # The fractional timestep of each target, interpolating log-SNR linearly between integers.
-    frac = np.interp(-targets, -logsnr, np.arange(num_timesteps, dtype=np.float64))
-    return _distinct(frac, num_timesteps)
+    frac = np.interp(-targets, -logsnr[: last + 1], np.arange(last + 1, dtype=np.float64))
+    return _distinct(frac, last)
 
 
 def respace(name: str, num_timesteps: int, num_steps: int, spacing: str = "uniform") -> Schedule:

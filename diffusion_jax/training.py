@@ -250,7 +250,9 @@ LOCK_NAME = ".train.lock"
 def workdir_lock(workdir: str):
     """Hold ``workdir/.train.lock`` while training, so two runs never write one workdir.
 
-    A lock left by a process that no longer exists (on this host) is taken over.
+    A lock left by a process that no longer exists (on this host) is taken over, and so is one
+    that names no owner (empty or unreadable, e.g. written on a full disk) once it is older than
+    ``LOCK_GRACE_S``: a live owner writes its name within microseconds of creating the file.
     """
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, LOCK_NAME)
@@ -259,19 +261,27 @@ def workdir_lock(workdir: str):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                host, pid = open(path).read().split()
-            except (OSError, ValueError):
-                host, pid = "", "0"
-            if host == socket.gethostname() and not _alive(int(pid)):
-                os.remove(path)  # stale: its process is gone
-                continue
+            owner = _lock_owner(path)
+            if owner is None:
+                if _age_s(path) > LOCK_GRACE_S:
+                    _remove_quietly(path)  # stale: nobody ever finished writing its name
+                    continue
+                host, pid = "an unnamed process", "?"
+            else:
+                host, pid = owner
+                if host == socket.gethostname() and not _alive(int(pid)):
+                    _remove_quietly(path)  # stale: its process is gone
+                    continue
             raise checkpoints.CheckpointError(
                 f"another training process ({host} pid {pid}) is writing to {workdir!r}; wait "
                 f"for it to finish or stop it (if it is gone, delete {path})"
             ) from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError:
+            _remove_quietly(path)  # never leave an empty lock behind (a full disk)
+            raise
         break
     try:
         yield
@@ -305,6 +315,31 @@ def _run_lock(workdir: str):
             )
         sharding.check_shared_folder(workdir)
         yield
+
+
+LOCK_GRACE_S = 10.0
+
+
+def _lock_owner(path: str) -> tuple[str, str] | None:
+    """``(host, pid)`` written in a lock file, or None if it names nobody readable."""
+    try:
+        host, pid = open(path).read().split()
+        int(pid)
+    except (OSError, ValueError):
+        return None
+    return host, pid
+
+
+def _age_s(path: str) -> float:
+    try:
+        return time.time() - os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def _alive(pid: int) -> bool:
@@ -493,7 +528,7 @@ def _train(
     end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
     grid_fn = _sample_grid_fn(config, model, dataset, mesh) if config.sample_every else None
     metrics = _MetricsLog(workdir, config, start, progress, write=main)
-    step, interrupted = start, False
+    step, interrupted, streak = start, False, 0
     cpu_collectives = jax.local_device_count() > 1 and jax.local_devices()[0].platform == "cpu"
     try:
         with _StopFlag() as stop:
@@ -528,19 +563,43 @@ def _train(
                     )
                 stop.agree()
                 stopping = stop.signal is not None or (stop_after is not None and step >= end)
+                streak = 0
                 if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
-                    checkpoints.save(
-                        mngr,
-                        step,
-                        {"step": state.step, "params": state.params, "opt_state": state.opt_state},
-                        state.ema_params,
-                        config,
-                        dataset.train_x.shape[1:],
-                    )
+                    # Inside a streak of skipped (non-finite) updates nothing is saved, so the
+                    # last good checkpoint is never rotated away by copies of a diverging run.
+                    streak = int(state.opt_state.notfinite_count)
+                    if streak == 0:
+                        checkpoints.save(
+                            mngr,
+                            step,
+                            {
+                                "step": state.step,
+                                "params": state.params,
+                                "opt_state": state.opt_state,
+                            },
+                            state.ema_params,
+                            config,
+                            dataset.train_x.shape[1:],
+                        )
+                    else:
+                        log(
+                            f"step {step}: not saved: the last {streak} updates were non-finite "
+                            f"and skipped (last good checkpoint: {mngr.latest_step()})"
+                        )
                 if stop.signal is not None:
                     interrupted = True
-                    log(f"\nstopped by signal {stop.signal} at step {step}; checkpoint written")
+                    log(
+                        f"\nstopped by signal {stop.signal} at step {step}; "
+                        + ("checkpoint written" if streak == 0 else "nothing saved")
+                    )
                     break
+            if step == config.num_steps and streak:
+                raise TrainingDivergedError(
+                    f"the run reached step {step} inside a streak of {streak} non-finite "
+                    f"(skipped) updates; nothing was saved after the last good checkpoint "
+                    f"({mngr.latest_step()}). Lower --lr, check the data for NaNs, or try "
+                    "--grad_clip with a smaller value, then resume."
+                )
     finally:
         metrics.close()
         mngr.wait_until_finished()  # asynchronous saves are complete before we return

@@ -7,6 +7,7 @@ import pytest
 
 from diffusion_jax import schedules
 from diffusion_jax.schedules import (
+    LOGSNR_MIN,
     SPACINGS,
     get_betas,
     make_schedule,
@@ -99,14 +100,21 @@ def training_log_snr(name, T):
     return alpha_bar, np.log(alpha_bar / (1.0 - alpha_bar))
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine"])
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("T, K", [(1000, 10), (1000, 20), (30, 29), (30, 30), (50, 2), (50, 1)])
-def test_spacings_keep_distinct_steps_and_both_ends(spacing, T, K):
-    alpha_bar, _ = training_log_snr("cosine", T)
+@pytest.mark.parametrize("T, K", [(1000, 10), (1000, 20), (30, 20), (30, 30), (50, 2), (50, 1)])
+def test_spacings_keep_distinct_steps_and_both_ends(name, spacing, T, K):
+    alpha_bar, logsnr = training_log_snr(name, T)
+    # logsnr stops where the log-SNR falls below its floor (only the cosine tail does)
+    top = np.max(np.nonzero(logsnr >= LOGSNR_MIN)) if spacing == "logsnr" else T - 1
+    if K > top + 1:
+        with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {top + 1}\]"):
+            respaced_timesteps(T, K, spacing, alpha_bar)
+        return
     ts = respaced_timesteps(T, K, spacing, alpha_bar)
-    assert ts.shape == (K,) and ts[-1] == T - 1 and np.all(np.diff(ts) > 0)
+    assert ts.shape == (K,) and ts[-1] == top and np.all(np.diff(ts) > 0)
     assert K == 1 or ts[0] == 0
-    assert np.all(respace("cosine", T, K, spacing).timesteps == ts)
+    assert np.all(respace(name, T, K, spacing).timesteps == ts)
 
 
 def test_quadratic_spacing_is_the_formula():
@@ -117,13 +125,16 @@ def test_quadratic_spacing_is_the_formula():
 @pytest.mark.parametrize("name", ["linear", "cosine"])
 def test_logsnr_spacing_is_even_in_log_snr(name):
     """Each kept step is within one timestep of the one whose log-SNR is nearest its target, the
-    targets being evenly spaced between the two ends (brute force over all timesteps)."""
+    targets evenly spaced in log-SNR from t = 0 to the last timestep at or above LOGSNR_MIN
+    (brute force over all timesteps)."""
     T, K = 1000, 12
     alpha_bar, logsnr = training_log_snr(name, T)
     ts = respaced_timesteps(T, K, "logsnr", alpha_bar)
-    targets = np.linspace(logsnr[0], logsnr[-1], K)
+    top = np.max(np.nonzero(logsnr >= LOGSNR_MIN))
+    targets = np.linspace(logsnr[0], logsnr[top], K)
     nearest = np.argmin(np.abs(logsnr[None, :] - targets[:, None]), axis=1)
     assert np.all(np.abs(ts - nearest) <= 1), (ts, nearest)
+    assert (ts[-1] == T - 1) == (name == "linear")  # the cosine tail lies below the floor
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,166 @@
+"""Nothing lost, nothing silently wrong: diverging runs, damaged checkpoints, full disks, stale
+locks and interrupted saves (each a fault injected into a tiny run)."""
+
+import errno
+import os
+import shutil
+import socket
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from conftest import TINY
+
+import sample as sample_script
+from diffusion_jax import checkpoints, classifier, generation, images, training
+
+
+def test_a_diverging_run_saves_nothing_after_its_last_good_step(tmp_path, tiny_data):
+    """Four good steps, then data that make every update non-finite: the run must neither save
+    copies of the stalled state (which would rotate step 4 away) nor end with success."""
+    workdir = str(tmp_path / "nan")
+    training.train(workdir, dataset=tiny_data, stop_after=4, **TINY)
+    poisoned = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
+    # checkpoints every 2 steps and a limit above the streak: only the end can catch it
+    overrides = {"checkpoint_every": 2, "max_nonfinite_steps": 100}
+    with pytest.raises(training.TrainingDivergedError, match=r"inside a streak of 4 .*\(4\)"):
+        training.train(workdir, dataset=poisoned, overrides=overrides, **TINY)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
+
+
+def poisoned_copy(workdir, tmp_path, name="damaged"):
+    """A copy of ``workdir`` with a step 12 whose EMA parameters hold NaNs (a checkpoint that
+    Orbax reads without complaint)."""
+    copy = tmp_path / name
+    shutil.copytree(workdir, copy)
+    directory = str(copy / "checkpoints")
+    mngr = checkpoints.manager(directory)
+    restored = mngr.restore(
+        8, args=ocp.args.Composite(state=ocp.args.StandardRestore(), ema=ocp.args.StandardRestore())
+    )
+    config, data_shape = checkpoints.read_meta(mngr, directory, 8)
+    nan_ema = jax.tree_util.tree_map(lambda x: np.full_like(x, np.nan), restored.ema)
+    checkpoints.save(mngr, 12, restored.state, nan_ema, config, data_shape)
+    mngr.wait_until_finished()
+    mngr.close()
+    return copy
+
+
+def test_a_checkpoint_with_non_finite_values_is_refused(straight_run, tmp_path, tiny_data, capsys):
+    workdir, _ = straight_run
+    damaged = poisoned_copy(workdir, tmp_path)
+    with pytest.raises(checkpoints.CheckpointError, match="non-finite values") as info:
+        generation.load_for_sampling(str(damaged))
+    assert "resume from step 8" in str(info.value)
+    assert f"--workdir {damaged / 'checkpoints' / '8'}" in str(info.value)
+    # resuming refuses it too, instead of carrying NaNs into every later checkpoint
+    with pytest.raises(checkpoints.CheckpointError, match="non-finite values"):
+        training.train(str(damaged), dataset=tiny_data, **TINY)
+    # and sample.py writes nothing
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main(["--workdir", str(damaged), "--out", str(out), "--per_class", "1"])
+    assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
+    assert not out.exists() or os.listdir(out) == []
+    # the fallback the message names works
+    assert generation.load_for_sampling(str(damaged / "checkpoints" / "8"))[-1] == 8
+
+
+def test_non_finite_samples_are_not_written(straight_run, tmp_path, monkeypatch):
+    workdir, _ = straight_run
+    real = generation.generate
+
+    def nan_generate(*args, **kw):
+        result = real(*args, **kw)
+        return result._replace(samples=result.samples.at[0].set(np.nan))
+
+    monkeypatch.setattr(generation, "generate", nan_generate)
+    with pytest.raises(ValueError, match="NaN or infinite, so nothing was written"):
+        generation.sample_to_files(workdir, per_class=1, out=str(tmp_path), log=lambda *a: None)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_write_leaves_no_file_and_the_rerun_works(straight_run, tmp_path, monkeypatch):
+    """A full disk while writing the GIF: the grid already written by this call is removed
+    too, so nothing blocks the rerun, and the script reports one line (exit 1)."""
+    workdir, _ = straight_run
+    out = tmp_path / "out"
+    real_save_gif = images.save_gif
+
+    def full_disk(snapshots, path, per_row, **kw):
+        with images.written(path) as tmp:
+            open(tmp, "wb").write(b"GIF89a partial")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(images, "save_gif", full_disk)
+    args = ["--workdir", workdir, "--per_class", "1", "--out", str(out), "--frames", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main(args)
+    assert exit_info.value.code == 1
+    assert os.listdir(out) == []  # no partial GIF, no orphan grid, no temporary file
+    monkeypatch.setattr(images, "save_gif", real_save_gif)
+    assert sample_script.main(args) == 0
+    assert len(os.listdir(out)) == 3
+
+
+def test_written_replaces_only_on_success(tmp_path):
+    path = tmp_path / "a.npz"
+    images.save_npz(str(path), np.zeros((2, 4, 4, 1)), [0, 1])
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError):
+        with images.written(str(path)) as tmp:
+            open(tmp, "wb").write(b"half")
+            raise RuntimeError("crash")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.npz"]
+
+
+def test_lock_without_an_owner(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    lock = os.path.join(workdir, training.LOCK_NAME)
+    open(lock, "w").close()  # empty: its writer died before writing its name (a full disk)
+    # a fresh one may belong to a process that is about to write its name: refused
+    with pytest.raises(checkpoints.CheckpointError, match="another training process"):
+        with training.workdir_lock(workdir):
+            pass
+    old = time.time() - 2 * training.LOCK_GRACE_S
+    os.utime(lock, (old, old))
+    with training.workdir_lock(workdir):  # an old one is stale: taken over
+        assert open(lock).read() == f"{socket.gethostname()} {os.getpid()}"
+    assert not os.path.exists(lock)
+
+
+def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    real_fdopen = os.fdopen
+
+    def full_disk(fd, *a, **kw):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with training.workdir_lock(workdir):
+            pass
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert os.listdir(workdir) == []
+
+
+def test_an_interrupted_classifier_save_counts_as_absent(tmp_path, tiny_data):
+    directory = tmp_path / "clf"
+    (directory / "0.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)  # what a kill leaves
+    clf = classifier.get_classifier(
+        tiny_data, str(directory), log=lambda m: None, epochs=1, feature_dim=8
+    )
+    assert os.listdir(directory) == ["0"]
+    again = classifier.get_classifier(tiny_data, str(directory), log=lambda m: None)
+    assert again.test_accuracy == clf.test_accuracy
+    # a folder holding something else is neither used nor replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(checkpoints.CheckpointError):
+        classifier.get_classifier(tiny_data, str(other), log=lambda m: None, epochs=1)
+    assert os.listdir(other) == ["notes.txt"]
