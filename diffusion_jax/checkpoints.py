@@ -90,14 +90,42 @@ def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) ->
     return step
 
 
+def _fallback(directory: str, step: int, all_steps) -> str:
+    """What to do when checkpoint ``step`` cannot be used: which folder to move aside, and
+    which earlier checkpoint to resume or sample from."""
+    others = sorted(s for s in all_steps if s != step)
+    here = os.path.join(directory, str(step))
+    if not others:
+        return f"It is the only checkpoint in {directory!r}: train again in a new --workdir."
+    previous = os.path.join(directory, str(others[-1]))
+    return (
+        f"Move {here!r} out of {directory!r} to resume from step {others[-1]}, or sample from "
+        f"--workdir {previous}."
+    )
+
+
+def _first_line(e: Exception) -> str:
+    """An Orbax/TensorStore error cut to its first line (their later lines hold raw specs and
+    advice, such as strict=False, that does not apply here)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
 def _restore(mngr, directory: str, step: int, **items):
+    missing = [k for k in items if not os.path.isdir(os.path.join(directory, str(step), k))]
+    if "state" in missing and "ema" not in missing:
+        raise CheckpointError(
+            f"{os.path.join(directory, str(step))!r} holds only EMA parameters (a checkpoint "
+            "made for sampling, like the shipped one): it cannot be resumed. Sample from it with "
+            "sample.py, or train in a new --workdir."
+        )
     try:
         return mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - Orbax raises many types; all mean "cannot read"
         raise CheckpointError(
             f"checkpoint {os.path.join(directory, str(step))!r} could not be read "
-            f"({type(e).__name__}: {str(e)[:300]}). It may be incomplete or corrupt, or come "
-            f"from a different model configuration; other steps here: {mngr.all_steps()}"
+            f"({_first_line(e)}): it is incomplete or damaged, or was written for another model "
+            f"configuration. {_fallback(directory, step, mngr.all_steps())}"
         ) from e
 
 
@@ -117,18 +145,10 @@ def _check_finite(tree, directory: str, step: int, all_steps) -> None:
         if np.issubdtype(local(leaf).dtype, np.inexact) and not np.all(np.isfinite(local(leaf)))
     ]
     if bad:
-        others = sorted(s for s in all_steps if s != step)
-        if others:
-            fix = (
-                f"Move {os.path.join(directory, str(step))!r} out of {directory!r} to resume from "
-                f"step {others[-1]}, or sample from --workdir "
-                f"{os.path.join(directory, str(others[-1]))}."
-            )
-        else:
-            fix = "It is the only checkpoint here: train again in a new --workdir."
         raise CheckpointError(
             f"checkpoint {os.path.join(directory, str(step))!r} holds non-finite values in "
-            f"{len(bad)} array(s) (e.g. {bad[0]}): it is damaged. {fix}"
+            f"{len(bad)} array(s) (e.g. {bad[0]}): it is damaged. "
+            + _fallback(directory, step, all_steps)
         )
 
 

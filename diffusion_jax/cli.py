@@ -72,7 +72,7 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     :class:`~diffusion_jax.samplers.SamplerSettings`); read them back with
     :func:`sampler_options`."""
     from diffusion_jax.schedules import SPACINGS
-    from diffusion_jax.solvers import VARIANCES
+    from diffusion_jax.solvers import THRESHOLD_QUANTILE, VARIANCES, X0_MODES
 
     group = parser.add_argument_group("sampler options")
     group.add_argument(
@@ -88,16 +88,17 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--x0",
-        choices=("clip", "threshold", "none"),
-        default="clip",
-        help="what is done to the predicted x0 at each step: clip to [-1, 1] (default), "
-        "dynamic thresholding (Saharia et al. 2022), or nothing",
+        choices=X0_MODES,
+        default=None,
+        help="what is done to the predicted x0 at each step: clip to [-1, 1], dynamic "
+        "thresholding (Saharia et al. 2022) or nothing (default: the sampler's own: threshold "
+        "for dpmpp2m, clip for the others)",
     )
     group.add_argument(
         "--threshold_quantile",
         type=float,
-        default=0.995,
-        help="the quantile of |x0| used by --x0 threshold (default 0.995)",
+        default=THRESHOLD_QUANTILE,
+        help=f"the quantile of |x0| used by --x0 threshold (default {THRESHOLD_QUANTILE})",
     )
 
 
@@ -113,6 +114,6 @@ def sampler_options(args) -> dict:
         spacing=args.spacing,
         eta=args.eta,
         variance=args.variance,
-        clip=None if args.x0 == "none" else (-1.0, 1.0),
-        threshold=args.threshold_quantile if args.x0 == "threshold" else None,
+        x0=args.x0,
+        threshold_quantile=args.threshold_quantile,
     )

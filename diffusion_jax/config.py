@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 from diffusion_jax.diffusion import PREDICTIONS
@@ -19,6 +21,93 @@ from diffusion_jax.schedules import SCHEDULES
 DATASETS = ("mnist", "fashion_mnist", "mnist5k", "idx", "toy2d")
 MODELS = ("unet", "mlp")
 DTYPES = ("float32", "bfloat16")
+
+
+# jax.random.PRNGKey keeps only the low 32 bits of a larger seed (seed 2**32 is seed 0) and
+# overflows at 2**63, so a seed is an unsigned 32-bit integer.
+SEED_MAX = 2**32 - 1
+# counts and sizes end up in int32 arrays (the step counter, timesteps, indices)
+INT_MAX = 2**31 - 1
+
+# Every integer field: (smallest, largest) allowed value.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "image_size": (0, INT_MAX),  # 0 = native size
+    "channels": (1, INT_MAX),
+    "num_res_blocks": (0, INT_MAX),  # 0: no block on the way down, one on the way up
+    "num_heads": (1, INT_MAX),
+    "num_groups": (1, INT_MAX),
+    "patch_size": (1, INT_MAX),
+    "mlp_hidden": (1, INT_MAX),
+    "mlp_layers": (1, INT_MAX),  # the time and class reach the MLP only through its layers
+    "num_timesteps": (1, INT_MAX),
+    "batch_size": (1, INT_MAX),
+    "num_steps": (1, INT_MAX),
+    "warmup_steps": (0, INT_MAX),
+    "max_nonfinite_steps": (1, INT_MAX),
+    "seed": (0, SEED_MAX),
+    "steps_per_dispatch": (1, INT_MAX),
+    "log_every": (1, INT_MAX),
+    "sample_every": (0, INT_MAX),  # 0 = never
+    "checkpoint_every": (1, INT_MAX),
+    "keep_every": (0, INT_MAX),  # 0 = keep none for good
+    "sample_steps": (1, INT_MAX),
+}
+
+# Every float field: (low, high, low_open, high_open); NaN and infinity are never allowed.
+FLOAT_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "dropout": (0.0, 1.0, False, True),
+    "min_snr_gamma": (0.0, math.inf, True, True),
+    "p_uncond": (0.0, 1.0, False, True),
+    "lr": (0.0, math.inf, True, True),
+    "weight_decay": (0.0, math.inf, False, True),
+    "grad_clip": (0.0, math.inf, True, True),  # the largest global gradient norm
+    "ema_decay": (0.0, 1.0, False, True),
+    "guidance": (0.0, math.inf, False, True),
+}
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    """``value`` as an int; ValueError naming ``name`` unless it is an integer in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return int(value)
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """A seed for ``jax.random.PRNGKey``: an integer in [0, 2**32 - 1]."""
+    return check_int(name, value, 0, SEED_MAX)
+
+
+def check_float(
+    name: str,
+    value,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> float:
+    """``value`` as a float; ValueError naming ``name`` and the allowed range unless it is a
+    finite number in the interval (``low_open``/``high_open``: that end excluded)."""
+    if math.isinf(low) and math.isinf(high):
+        allowed = "a finite number"
+    elif math.isinf(high):
+        allowed = f"a finite number {'>' if low_open else '>='} {low:g}"
+    elif math.isinf(low):
+        allowed = f"a finite number {'<' if high_open else '<='} {high:g}"
+    else:
+        allowed = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = math.isfinite(value) and (low < value if low_open else low <= value)
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,61 +168,63 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ValueError naming the field and the allowed values if anything is off."""
-        choices = {
-            "dataset": DATASETS,
-            "model": MODELS,
-            "dtype": DTYPES,
-            "schedule": SCHEDULES,
-            "prediction": PREDICTIONS,
-            "loss_type": LOSS_TYPES,
-            "weighting": WEIGHTINGS,
-            "sampler": METHODS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        positive = (
-            "channels",
-            "num_timesteps",
-            "batch_size",
-            "num_steps",
-            "steps_per_dispatch",
-            "log_every",
-            "checkpoint_every",
-            "sample_steps",
-            "num_heads",
-            "num_groups",
-            "patch_size",
-            "mlp_hidden",
-            "max_nonfinite_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "keep_every", "warmup_steps", "image_size", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.p_uncond < 1:
-            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        for field in dataclasses.fields(self):
+            check_field(field.name, getattr(self, field.name))
         if self.sample_steps > self.num_timesteps:
             raise ValueError(
                 f"sample_steps ({self.sample_steps}) cannot exceed num_timesteps "
                 f"({self.num_timesteps})"
             )
-        if self.guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {self.guidance}")
         if self.dataset == "idx" and not self.data_dir:
             raise ValueError("dataset='idx' needs --data_dir, the folder holding the IDX files")
         if (self.dataset == "toy2d") != (self.model == "mlp"):
             raise ValueError("toy2d data goes with model='mlp', images with model='unet'")
         check_loss_config(self.prediction, self.loss_type, self.weighting)  # the pairings
-        if not self.min_snr_gamma > 0:
-            raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         return self
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": DATASETS,
+    "model": MODELS,
+    "dtype": DTYPES,
+    "schedule": SCHEDULES,
+    "prediction": PREDICTIONS,
+    "loss_type": LOSS_TYPES,
+    "weighting": WEIGHTINGS,
+    "sampler": METHODS,
+}
+
+
+def check_field(name: str, value) -> None:
+    """Raise ValueError naming the field and the allowed values unless ``value`` is one that
+    field ``name`` may take on its own (:meth:`Config.validate` adds the checks across fields)."""
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise ValueError(f"{name} must be one of {CHOICES[name]}, got {value!r}")
+    elif name in INT_RANGES:
+        check_int(name, value, *INT_RANGES[name])
+    elif name in FLOAT_RANGES:
+        check_float(name, value, *FLOAT_RANGES[name])
+    elif name in ("channel_mults", "attention_resolutions"):
+        if not isinstance(value, tuple | list) or (name == "channel_mults" and not value):
+            raise ValueError(
+                f"{name} must be a {'non-empty ' if name == 'channel_mults' else ''}"
+                f"comma-separated list of integers >= 1, got {value!r}"
+            )
+        for v in value:
+            check_int(f"every entry of {name}", v, 1, INT_MAX)
+    elif name == "data_dir":
+        if not isinstance(value, str):
+            raise ValueError(f"data_dir must be a path (a string), got {value!r}")
+    else:
+        raise ValueError(f"unknown config field {name!r}")
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """:func:`check_field` for each override: what can be refused before a run's saved config
+    is read (train.py does this before it creates the workdir)."""
+    for name, value in overrides.items():
+        check_field(name, value)
 
 
 # Chosen by benchmarks/quality_vs_time.py (docs/BENCHMARKS.md): at equal CPU-minutes, a U-Net on

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import math
 import os
 import socket
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -74,24 +76,57 @@ IDX_FILES = {
 }
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (optionally gzipped) of unsigned bytes into a numpy array."""
+def read_idx(path: str, ranks: tuple[int, ...] | None = None) -> np.ndarray:
+    """Read one IDX file (optionally gzipped) of unsigned bytes into a numpy array.
+
+    Anything that is not a complete IDX file of unsigned bytes (with one of ``ranks``
+    dimensions, if given) raises :class:`DataUnavailableError` naming the file and the fault.
+    """
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    again = "download or copy it again"
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except gzip.BadGzipFile:
+        raise DataUnavailableError(
+            f"{path} is not a gzip file; if it is an uncompressed IDX file, drop the .gz from "
+            f"its name, else {again}"
+        ) from None
+    except (EOFError, zlib.error) as e:
+        raise DataUnavailableError(
+            f"{path} is a damaged or truncated gzip file ({e}); {again}"
+        ) from None
+    except IsADirectoryError:
+        raise DataUnavailableError(f"{path} is a folder, not an IDX file") from None
+    except OSError as e:
+        raise DataUnavailableError(f"cannot read {path}: {e.strerror or e}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataUnavailableError(
             f"{path} is not an IDX file of unsigned bytes (bad magic number)"
         )
     ndim = raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataUnavailableError(
+            f"{path} is truncated: its header announces {ndim} dimensions but the file ends "
+            f"after {len(raw)} bytes; {again}"
+        )
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, np.uint8, offset=header)
-    if data.size != int(np.prod(shape)):
+    size = math.prod(shape)
+    if data.size != size:
+        fault = "truncated" if data.size < size else "longer than its header says"
         raise DataUnavailableError(
-            f"{path} is truncated: header says {shape} ({int(np.prod(shape))} bytes), "
-            f"found {data.size}"
+            f"{path} is {fault}: header says {shape} ({size} bytes), found {data.size}; {again}"
         )
+    if ranks is not None and ndim not in ranks:
+        raise DataUnavailableError(
+            f"{path} holds an array of rank {ndim} (shape {shape}); expected rank "
+            f"{' or '.join(map(str, ranks))} here (images (N, rows, cols), labels (N,)): is it "
+            "the right file?"
+        )
+    if size == 0:
+        raise DataUnavailableError(f"{path} holds no data (shape {shape})")
     return data.reshape(shape)
 
 
@@ -99,6 +134,11 @@ def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
     """The four standard MNIST-format files in ``folder`` (each plain or .gz). The data set is
     named ``idx:<folder name>`` unless ``name`` is given."""
     name = name or f"idx:{os.path.basename(os.path.normpath(folder))}"
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise DataUnavailableError(
+            f"--data_dir {folder!r} is a file, not a folder; pass the folder that holds "
+            f"{', '.join(s + '[.gz]' for s in IDX_FILES.values())}"
+        )
     if not os.path.isdir(folder):
         raise DataUnavailableError(f"IDX folder {folder!r} does not exist")
     arrays = {}
@@ -110,7 +150,8 @@ def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
                 f"{folder!r} lacks {stem}[.gz]; an IDX folder needs "
                 f"{', '.join(s + '[.gz]' for s in IDX_FILES.values())}"
             )
-        arrays[key] = read_idx(path)
+        # images (N, rows, cols), or (N, rows, cols, channels); labels (N,)
+        arrays[key] = read_idx(path, ranks=(3, 4) if key.endswith("_x") else (1,))
     for split in ("train", "test"):
         n_x, n_y = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
         if n_x != n_y:
@@ -205,6 +246,11 @@ def load_tfds(name: str, data_dir: str = "") -> Dataset:
             f"dataset {name} needs tensorflow-datasets (pip install tensorflow-datasets). "
             + OFFLINE_HELP
         ) from e
+    if data_dir and os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataUnavailableError(
+            f"--data_dir {data_dir!r} is a file, not a folder; for dataset {name} it is the "
+            "tfds data folder (leave it out for tfds's default)"
+        )
     builder = tfds.builder(TFDS_NAMES[name], data_dir=data_dir or None, file_format="array_record")
     if not builder.is_prepared():
         if not can_reach():

@@ -73,11 +73,19 @@ def check_images(images, expected_shape) -> np.ndarray:
             f"samples have shape {images.shape}; the data set's images are (N, "
             f"{', '.join(map(str, expected_shape))})"
         )
+    if len(images) == 0:
+        raise ValueError("there are no samples (an array of shape (0, ...))")
     if images.dtype == np.uint8:
         return data.to_model_range(images)
     if not np.issubdtype(images.dtype, np.floating):
         raise ValueError(
             f"samples must be uint8 in [0, 255] or floats in [0, 1], got {images.dtype}"
+        )
+    bad = int(np.sum(~np.isfinite(images)))
+    if bad:
+        raise ValueError(
+            f"samples hold {bad} NaN or infinite values (in {len(images)} images); "
+            "they must be finite floats in [0, 1] or uint8"
         )
     if images.min() < 0 or images.max() > 1:
         raise ValueError(
@@ -158,7 +166,8 @@ def sweep(
     """Guidance sweep (``ws`` with ``guidance_spec``) and step sweep (``sampler_specs`` at
     ``steps_w``) of the checkpoint in ``workdir``; writes ``out``/results.{md,json} and plots.
 
-    ``sampler_options`` (``spacing``, ``eta``, ``variance``, ``clip``, ``threshold``) apply to
+    ``sampler_options`` (``spacing``, ``eta``, ``variance``, ``x0``, ``threshold_quantile``, or
+    settings such as ``clip``, ``threshold``) apply to
     every run, as in ``generation.generate``."""
     config, model, params, data_shape, step = generation.load_for_sampling(workdir)
     if len(data_shape) != 3:
@@ -202,9 +211,15 @@ def sweep(
                 **sampler_options,
             )
             chunks.append(np.asarray(result.samples))
+        options = {k: v for k, v in sampler_options.items() if k != "eta"}
+        _, _, spacing, settings = generation.resolve_sampler(
+            config, spec.method, spec.steps, **options
+        )
         row = {
             "sampler": spec.method,
             "steps": spec.steps,
+            "spacing": spacing,
+            "x0": generation.x0_mode(settings),
             # network evaluations per sample: one denoiser call per step (on the doubled batch
             # when guided)
             "nfe": spec.steps,
@@ -252,12 +267,13 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         "FD: Frechet distance in the classifier's features to the real test set; floor: the same "
         "between real training and real test images with the same count (capped at the test set).",
         "",
-        "| sampler | NFE | w | n | FD | FD floor | accuracy | IS | IS real test |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sampler | NFE | spacing | x0 | w | n | FD | FD floor | accuracy | IS | IS real test |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['sampler']} | {r['nfe']} | {r['w']:g} | {r['n']} | {r['fd']:.3f} | "
+            f"| {r['sampler']} | {r['nfe']} | {r['spacing']} | {r['x0']} | {r['w']:g} | "
+            f"{r['n']} | {r['fd']:.3f} | "
             f"{r['floor_fd']:.3f} | {r['accuracy']:.4f} | {r['is']:.3f} | {r['real_is']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -332,23 +348,69 @@ def evaluate_npz(
     log=print,
 ) -> dict:
     """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
-    try:
-        npz = np.load(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path!r} as an .npz: {e}") from e
-    for key in ("samples", "labels"):
-        if key not in npz.files:
-            raise ValueError(
-                f"{path!r} has no {key!r} array (has {npz.files}); write it with "
-                "sample.py or np.savez(path, samples=..., labels=...)"
-            )
+    samples, labels = read_npz(path)
     dataset = data.load_dataset(config)
-    images = check_images(npz["samples"], dataset.train_x.shape[1:])
-    labels = np.asarray(npz["labels"])
-    if labels.shape != (len(images),):
-        raise ValueError(f"{path!r}: {len(images)} samples but labels of shape {labels.shape}")
+    images = check_images(samples, dataset.train_x.shape[1:])
+    labels = check_labels(labels, len(images), dataset.num_classes, config.null_label, path)
     clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log, epochs=classifier_epochs)
     return evaluate_images(Reference(clf, dataset), images, labels)
+
+
+def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(samples, labels)`` of an ``.npz`` file; ValueError saying what is wrong with it."""
+    import zipfile
+    import zlib
+
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} is an empty file, not an .npz of samples")
+    try:
+        npz = np.load(path)
+    except unreadable as e:
+        raise ValueError(f"cannot read {path!r} as an .npz: {e}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{path!r} holds a single array, not an .npz archive; write it with sample.py or "
+            "np.savez(path, samples=..., labels=...)"
+        )
+    with npz:
+        for key in ("samples", "labels"):
+            if key not in npz.files:
+                raise ValueError(
+                    f"{path!r} has no {key!r} array (has {npz.files}); write it with "
+                    "sample.py or np.savez(path, samples=..., labels=...)"
+                )
+        try:
+            return np.asarray(npz["samples"]), np.asarray(npz["labels"])
+        except unreadable as e:
+            raise ValueError(f"cannot read the arrays of {path!r}: {e}") from e
+
+
+def check_labels(labels, n: int, num_classes: int, null_label: int, path: str) -> np.ndarray:
+    """The labels of ``n`` samples: integers in [0, num_classes), else ValueError naming the
+    offending values (``null_label`` marks unconditional samples, which cannot be scored)."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"{path!r}: {n} samples but labels of shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"{path!r}: labels must be integer class indices in [0, {num_classes}), got "
+            f"{labels.dtype} values such as {labels[:3].tolist()}"
+        )
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        values = np.unique(labels[outside]).tolist()
+        raise ValueError(
+            f"{path!r}: labels must be in [0, {num_classes}) (the data set's classes), got "
+            f"{int(outside.sum())} outside it, values {values[:5]}"
+            + ("..." if len(values) > 5 else "")
+            + (
+                f" ({null_label} marks unconditional samples, which have no class to score)"
+                if null_label in values
+                else ""
+            )
+        )
+    return labels
 
 
 def _bar(total, enabled):

@@ -14,12 +14,23 @@ from diffusion_jax import checkpoints, models, samplers, sharding, solvers
 from diffusion_jax.schedules import SPACINGS, respace
 
 
-def resolve_sampler(config, method: str | None, steps: int | None, spacing: str | None):
-    """``(method, steps, spacing)`` with the defaults filled in and checked against the config.
+def resolve_sampler(
+    config,
+    method: str | None,
+    steps: int | None,
+    spacing: str | None,
+    x0: str | None = None,
+    threshold_quantile: float = solvers.THRESHOLD_QUANTILE,
+    **settings,
+):
+    """``(method, steps, spacing, settings)`` with the defaults filled in and checked.
 
     method: the config's ``sampler``. steps: the config's ``sample_steps`` when the method is the
     config's own, else the solver's default (all T steps for ``ddpm``). spacing: the one the
-    solver is meant for (``solvers.Solver.spacing``).
+    solver is meant for (``Solver.spacing``). ``settings`` are
+    :class:`~diffusion_jax.samplers.SamplerSettings` fields; unless they set ``clip`` or
+    ``threshold`` themselves, those come from ``x0`` (``solvers.X0_MODES``; default: the
+    solver's ``Solver.x0``).
     """
     method = config.sampler if method is None else method
     solver = solvers.get(method)
@@ -35,7 +46,10 @@ def resolve_sampler(config, method: str | None, steps: int | None, spacing: str 
     spacing = solver.spacing if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    return method, int(steps), spacing
+    if "clip" not in settings and "threshold" not in settings:
+        settings.update(solvers.x0_settings(x0 or solver.x0, threshold_quantile))
+    samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work
+    return method, int(steps), spacing, settings
 
 
 def generate(
@@ -59,16 +73,17 @@ def generate(
     """Samples of shape (len(labels), *data_shape) from ``model`` with ``params``.
 
     ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w`` defaults to the
-    config's ``guidance``; ``method``, ``steps`` and ``spacing`` as :func:`resolve_sampler`;
-    further keywords (``variance``, ``clip``, ``threshold``, ``unroll``) are
-    :class:`~diffusion_jax.samplers.SamplerSettings` fields. ``timing`` is passed to
+    config's ``guidance``; ``method``, ``steps``, ``spacing`` and further keywords (``x0``,
+    ``threshold_quantile``, or :class:`~diffusion_jax.samplers.SamplerSettings` fields such as
+    ``variance``, ``clip``, ``threshold``, ``unroll``) as :func:`resolve_sampler`. ``timing`` is
+    passed to
     :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh`` (default: this
     process's devices, when there are several; in a multi-process program pass a mesh over all
     processes' devices and call this on every process).
     """
     if mesh is None and jax.local_device_count() > 1:
         mesh = sharding.data_mesh(jax.local_devices())
-    method, steps, spacing = resolve_sampler(config, method, steps, spacing)
+    method, steps, spacing, settings = resolve_sampler(config, method, steps, spacing, **settings)
     labels = np.asarray(labels)
     return samplers.sample(
         models.denoiser(model),
@@ -89,19 +104,31 @@ def generate(
     )
 
 
+def x0_mode(settings: dict) -> str:
+    """The ``solvers.X0_MODES`` entry that resolved ``clip``/``threshold`` settings amount to."""
+    if settings.get("threshold") is not None:
+        return "threshold"
+    return "none" if settings.get("clip", (-1.0, 1.0)) is None else "clip"
+
+
 def sampler_tag(method: str, steps: int, spacing: str, eta: float = 0.0, **settings) -> str:
-    """A file-name fragment naming every sampler choice that differs from the defaults, e.g.
-    ``dpmpp2m20`` or ``ddim50_eta0.5_quadratic_thr0.995``."""
+    """A file-name fragment naming every sampler choice that differs from the solver's
+    defaults, e.g. ``dpmpp2m20`` or ``ddim50_eta0.5_quadratic_x0threshold``; ``settings`` as
+    resolved by :func:`resolve_sampler`."""
     solver = solvers.get(method)
     tag = solver.tag(steps, eta)
     if spacing != solver.spacing:
         tag += f"_{spacing}"
     if settings.get("variance", "small") != "small":
         tag += f"_{settings['variance']}"
-    if settings.get("threshold") is not None:
-        tag += f"_thr{settings['threshold']:g}"
-    elif "clip" in settings and settings["clip"] is None:
-        tag += "_noclip"
+    threshold, clip = settings.get("threshold"), settings.get("clip", (-1.0, 1.0))
+    mode = x0_mode(settings)
+    if mode != solver.x0:
+        tag += f"_x0{mode}"
+    if mode == "threshold" and threshold != solvers.THRESHOLD_QUANTILE:
+        tag += f"_q{threshold:g}"
+    if mode == "clip" and tuple(clip) != (-1.0, 1.0):
+        tag += f"_clip{clip[0]:g},{clip[1]:g}"
     return tag
 
 
@@ -159,8 +186,7 @@ def sample_to_files(
     """
     config, model, params, data_shape, step = load_for_sampling(workdir)
     is_2d = len(data_shape) == 1
-    method, steps, spacing = resolve_sampler(config, method, steps, spacing)
-    samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work
+    method, steps, spacing, settings = resolve_sampler(config, method, steps, spacing, **settings)
     w = config.guidance if w is None else w
     if not is_2d and frames < 2:
         raise ValueError(f"--frames must be >= 2 (the GIF shows noise to samples), got {frames}")

@@ -35,6 +35,10 @@ from diffusion_jax import diffusion
 from diffusion_jax.schedules import Schedule
 
 VARIANCES = ("small", "large")
+# What is done to the predicted x0 at each step: clip to [-1, 1], dynamic thresholding, nothing.
+X0_MODES = ("clip", "threshold", "none")
+# Saharia et al. (2022)'s quantile of |x0| for dynamic thresholding.
+THRESHOLD_QUANTILE = 0.995
 
 # DPM-Solver++'s recommendation: on chains of fewer than 10 steps the step into the last noise
 # level is first order, which keeps very short chains stable.
@@ -61,7 +65,8 @@ class Solver:
     """A reverse-chain update rule. Subclasses set the class fields and define :meth:`step`.
 
     ``default_steps``: the chain length to use when none is asked for (None = every training
-    step); ``spacing``: the respacing it is meant to run on (``schedules.SPACINGS``);
+    step); ``spacing``: the respacing it is meant to run on (``schedules.SPACINGS``); ``x0``:
+    what the command-line tools do to the predicted x0 by default (``X0_MODES``);
     ``stochastic``: whether it draws noise (and so whether ``eta`` or ``variance`` matter).
     """
 
@@ -69,6 +74,7 @@ class Solver:
     summary = ""
     default_steps: int | None = None
     spacing = "uniform"
+    x0 = "clip"
     stochastic = False
 
     def init(self, x: jnp.ndarray):
@@ -128,6 +134,10 @@ class DPMSolverPP2M(Solver):
     # Evenly spaced in t, the last steps (near the data) stay ~0.35 or more apart in lambda
     # however many steps there are, and the second-order extrapolation overshoots there.
     spacing = "logsnr"
+    # The noisiest rows' x0 predictions are noise magnified by 1 / sqrt(abar); clipped to
+    # +-1 they enter the next step's extrapolation at full strength, rescaled they do not
+    # (measured in docs/RESULTS.md).
+    x0 = "threshold"
 
     def init(self, x):
         # (x0_hat of the previous step, that step's h); unused on the first step.
@@ -163,6 +173,16 @@ def get(name: str) -> Solver:
     if name not in SOLVERS:
         raise ValueError(f"method must be one of the registered samplers {METHODS}, got {name!r}")
     return SOLVERS[name]
+
+
+def x0_settings(mode: str, quantile: float = THRESHOLD_QUANTILE) -> dict:
+    """The ``clip`` and ``threshold`` sampler settings of an x0 mode in ``X0_MODES``."""
+    if mode not in X0_MODES:
+        raise ValueError(f"x0 must be one of {X0_MODES}, got {mode!r}")
+    return dict(
+        clip=None if mode == "none" else (-1.0, 1.0),
+        threshold=quantile if mode == "threshold" else None,
+    )
 
 
 def default_steps(name: str, num_timesteps: int) -> int:

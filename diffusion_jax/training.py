@@ -607,11 +607,32 @@ def _train(
     return TrainResult(state, config, interrupted or step < config.num_steps)
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` (the checkpoint a resumed run starts from):
+    records written after it by an interrupted run are about to be written again."""
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a crash
+    if len(keep) != len(lines):
+        from diffusion_jax import images
+
+        with images.written(path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
+
+
 class _MetricsLog:
     """metrics.jsonl (+ TensorBoard, + progress bar). Losses stay on the device until a write."""
 
     def __init__(self, workdir: str, config, start: int, progress: bool, write: bool = True):
         self.path = os.path.join(workdir, "metrics.jsonl") if write else None
+        if self.path is not None and os.path.exists(self.path):
+            _drop_records_after(self.path, start)
         self.config = config
         self.bar = _progress(config.num_steps, start, progress and write)
         self.writer = _tensorboard(workdir) if write else None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import evaluate as evaluate_script
-from diffusion_jax import checkpoints, classifier, data, evaluation
+from diffusion_jax import checkpoints, classifier, data, evaluation, metrics
 
 
 def separable(n, seed):
@@ -141,8 +141,11 @@ def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path):
         assert 0 <= r["accuracy"] <= 1 and 1 <= r["is"] <= 10
         assert r["fd"] >= 0 and r["floor_fd"] >= 0
     table = open(os.path.join(out, "results.md")).read()
-    assert "| sampler | NFE | w | n | FD | FD floor |" in table and table.count("| ddim |") == 2
-    assert "| dpmpp2m | 3 | 1 | 20 |" in table
+    assert "| sampler | NFE | spacing | x0 | w | n | FD | FD floor |" in table
+    assert table.count("| ddim |") == 2
+    # each sampler with its own defaults: DPM-Solver++ on log-SNR spacing, thresholded
+    assert "| dpmpp2m | 3 | logsnr | threshold | 1 | 20 |" in table
+    assert "| ddim | 2 | uniform | clip | 0 | 20 |" in table
     with pytest.raises(SystemExit):  # outputs exist: refused
         evaluate_script.main(args)
 
@@ -197,3 +200,175 @@ def test_npz_input(straight_run, tiny_classifier_dir, tmp_path, tiny_data, capsy
 def test_unparseable_lists(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_check_images_maps_uint8_and_unit_floats_to_the_model_range():
+    u8 = np.reshape(np.array([0, 51, 255], np.uint8), (3, 1, 1, 1))
+    out = evaluation.check_images(u8, (1, 1, 1))
+    np.testing.assert_allclose(out.ravel(), [-1.0, 51 / 127.5 - 1, 1.0], atol=1e-6)
+    unit = np.reshape(np.array([0.0, 0.25, 1.0]), (3, 1, 1, 1))
+    out = evaluation.check_images(unit, (1, 1, 1))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out.ravel(), [-1.0, -0.5, 1.0], atol=1e-7)
+
+
+def test_floors_compare_distinct_real_images_and_samples_use_the_same_test_subset(monkeypatch):
+    """With a stub classifier (features: the pixels): the floor of n samples compares n distinct
+    training images with min(n, test size) distinct test images, and the samples' distance is to
+    that same test subset (float64 metrics computed here from the subsets)."""
+    rng = np.random.default_rng(0)
+    train = rng.standard_normal((80, 2, 2, 1)).astype(np.float32)
+    test = rng.standard_normal((50, 2, 2, 1)).astype(np.float32)
+    ds = data.Dataset("stub", train, np.arange(80) % 4, test, np.arange(50) % 4, 4)
+
+    def predict(clf, images):  # probabilities: one-hot of the sign of the first pixel
+        x = np.asarray(images, np.float64).reshape(len(images), -1)
+        return np.eye(4)[(x[:, 0] > 0).astype(int)], x
+
+    monkeypatch.setattr(evaluation.classifier_lib, "predict", predict)
+    ref = evaluation.Reference(None, ds)
+    test_feats = test.reshape(50, -1).astype(np.float64)
+    for n in (20, 80):
+        floors = ref.floors(n)
+        te = floors["test_index"]
+        assert floors["floor_n"] == len(te) == min(n, 50) == len(set(te.tolist()))
+    # n = 80 is the whole training set: distinct rows are all of it, in some order
+    expected = metrics.frechet_distance_of_features(train.reshape(80, -1), test_feats)
+    assert ref.floors(80)["floor_fd"] == pytest.approx(expected, rel=1e-9)
+    samples = rng.standard_normal((20, 2, 2, 1)).astype(np.float32)
+    row = evaluation.evaluate_images(ref, samples, np.zeros(20, int))
+    te = ref.floors(20)["test_index"]
+    expected = metrics.frechet_distance_of_features(samples.reshape(20, -1), test_feats[te])
+    assert row["fd"] == pytest.approx(expected, rel=1e-9) and row["floor_n"] == 20
+
+
+def test_the_classifier_recipe_is_pinned():
+    """What classifier.RECIPE 2 is: the CNN's parameter shapes on 28x28 digits and the default
+    training length and hyper-parameters. Any change to them changes every reported distance, so
+    it must come with a RECIPE bump (which retires cached classifiers) and a new pin here."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    assert classifier.RECIPE == 2
+    assert (classifier.MIN_STEPS, classifier.MIN_EPOCHS) == (700, 6)
+    defaults = {
+        k: p.default for k, p in inspect.signature(classifier.train_classifier).parameters.items()
+    }
+    assert {k: defaults[k] for k in ("batch_size", "lr", "feature_dim", "max_shift")} == {
+        "batch_size": 128,
+        "lr": 1e-3,
+        "feature_dim": 64,
+        "max_shift": None,
+    }
+    x = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    shapes = jax.eval_shape(classifier.CNN().init, jax.random.PRNGKey(0), x)["params"]
+    kernels = {name: layer["kernel"].shape for name, layer in shapes.items()}
+    assert kernels == {
+        "Conv_0": (3, 3, 1, 32),
+        "Conv_1": (3, 3, 32, 32),
+        "Conv_2": (3, 3, 32, 64),
+        "Conv_3": (3, 3, 64, 64),
+        "Dense_0": (7 * 7 * 64, 64),  # two 2x2 poolings: 28 -> 14 -> 7
+        "Dense_1": (64, 10),
+    }
+    # both dropout rates are 0.25: in training, the activations kept are scaled by 1 / (1 - 0.25)
+    model = classifier.CNN()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+    small = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+    params = jax.tree.map(lambda s: 0.3 * rng.standard_normal(s.shape).astype(np.float32), small)
+
+    def intermediates(train):
+        _, state = model.apply(
+            {"params": params},
+            x,
+            train=train,
+            rngs={"dropout": jax.random.PRNGKey(2)},
+            capture_intermediates=True,
+            mutable=["intermediates"],
+        )
+        layers = state["intermediates"]
+        return {
+            k: np.asarray(layers[k]["__call__"][0]) for k in ("Dense_0", "Dropout_0", "Dropout_1")
+        }
+
+    evaluated, trained = intermediates(False), intermediates(True)
+    for inputs, outputs in (
+        (evaluated["Dropout_0"], trained["Dropout_0"]),  # identity when not training
+        (np.maximum(trained["Dense_0"], 0), trained["Dropout_1"]),  # relu(Dense_0) goes in
+    ):
+        kept = outputs != 0
+        assert 0 < kept.sum() < (inputs != 0).sum()
+        np.testing.assert_allclose(outputs[kept] / inputs[kept], 1 / (1 - 0.25), rtol=1e-5)
+
+
+def test_npz_mistakes_end_in_one_line(straight_run, tiny_classifier_dir, tmp_path, capsys):
+    """Labels outside [0, 10), float labels, NaN images, no samples, an empty file or a bare
+    .npy: exit 2 with one line saying what is wrong, never metrics of nonsense."""
+    workdir, _ = straight_run
+    u8 = np.zeros((4, 8, 8, 1), np.uint8)
+    cases = {
+        "above.npz": (dict(samples=u8, labels=np.array([0, 1, 2, 12])), "values [12]"),
+        "negative.npz": (dict(samples=u8, labels=np.array([0, -1, 2, 3])), "values [-1]"),
+        "null.npz": (dict(samples=u8, labels=np.array([0, 1, 10, 3])), "10 marks unconditional"),
+        "float.npz": (
+            dict(samples=u8, labels=np.array([0, 1.5, 2, 3])),
+            "labels must be integer class indices in [0, 10), got float64",
+        ),
+        "nan.npz": (
+            dict(samples=np.full((4, 8, 8, 1), np.nan), labels=np.arange(4)),
+            "samples hold 256 NaN or infinite values",
+        ),
+        "inf.npz": (
+            dict(samples=np.where(u8 == 0, np.inf, 0.5), labels=np.arange(4)),
+            "NaN or infinite",
+        ),
+        "none.npz": (
+            dict(samples=np.zeros((0, 8, 8, 1), np.uint8), labels=np.zeros(0, int)),
+            "there are no samples",
+        ),
+    }
+    for name, (arrays, _) in cases.items():
+        np.savez(tmp_path / name, **arrays)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    cases["empty.npz"] = (None, "is an empty file")
+    np.save(tmp_path / "bare.npy", u8)
+    cases["bare.npy"] = (None, "holds a single array, not an .npz archive")
+    for name, (_, message) in cases.items():
+        argv = ["--workdir", workdir, "--npz", str(tmp_path / name)]
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_script.main(argv + ["--classifier_dir", tiny_classifier_dir])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, name
+        assert message in err and err.count("\n") == 1, (name, err)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
+        (["--batch_size", "-3"], "--batch_size must be >= 1, got -3"),
+        (["--seed", "4294967296"], "--seed must be <= 4294967295"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--w", "0,nan"], "--w must be a finite number >= 0, got nan"),
+        (["--w=-1"], "--w must be a finite number >= 0, got -1.0"),
+        (["--steps_w", "inf"], "--steps_w must be a finite number >= 0, got inf"),
+        (["--classifier_epochs", "0"], "--classifier_epochs must be >= 1"),
+        (["--per_class", "0"], "--per_class must be >= 1"),
+    ],
+)
+def test_bad_numeric_flags_are_refused_first(
+    straight_run, tiny_classifier_dir, tmp_path, capsys, extra, message
+):
+    """Refused before any checkpoint, data set or classifier is read, and nothing written."""
+    workdir, _ = straight_run
+    out = tmp_path / "eval"
+    argv = ["--workdir", workdir, "--out", str(out), "--classifier_dir", tiny_classifier_dir]
+    argv += ["--samplers", "ddim:2", "--guidance_sampler", "ddim:2", "--per_class", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_script.main(argv + ["--no_progress"] + extra)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert not out.exists()

@@ -164,3 +164,37 @@ def test_an_interrupted_classifier_save_counts_as_absent(tmp_path, tiny_data):
     with pytest.raises(checkpoints.CheckpointError):
         classifier.get_classifier(tiny_data, str(other), log=lambda m: None, epochs=1)
     assert os.listdir(other) == ["notes.txt"]
+
+
+def test_metrics_hold_each_step_once_after_a_resume(tmp_path, tiny_data):
+    """A run killed after logging step 6 but before its next checkpoint resumes from step 4 and
+    logs steps 5-8 again: the records past the checkpoint are dropped first."""
+    workdir = str(tmp_path / "run")
+    training.train(workdir, dataset=tiny_data, stop_after=6, **TINY)  # checkpoints 4 and 6
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before saving 6
+    training.train(workdir, dataset=tiny_data, **TINY)
+    lines = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in lines]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_checkpoint_errors_say_what_to_do(straight_run, tmp_path, tiny_data):
+    workdir, _ = straight_run
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    for name in os.listdir(broken / "checkpoints" / "8" / "ema"):
+        path = broken / "checkpoints" / "8" / "ema" / name
+        if path.is_dir():
+            shutil.rmtree(path)
+    with pytest.raises(checkpoints.CheckpointError) as info:
+        generation.load_for_sampling(str(broken))
+    message = str(info.value)
+    assert "resume from step 4" in message and "strict=False" not in message
+    assert "\n" not in message
+    # the EMA-only checkpoint that ships for sampling cannot be resumed, and says so
+    ema_only = tmp_path / "ema_only"
+    shutil.copytree(workdir, ema_only)
+    for step in ("4", "8"):
+        shutil.rmtree(ema_only / "checkpoints" / step / "state")
+    with pytest.raises(checkpoints.CheckpointError, match="holds only EMA parameters"):
+        training.train(str(ema_only), dataset=tiny_data, **TINY)

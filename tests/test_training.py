@@ -100,6 +100,12 @@ def test_sampling_is_reproducible(straight_run):
         (["--steps", "21"], "--steps must be in [1, 20]"),
         (["--frames", "1"], "--frames must be >= 2"),
         (["--per_class", "0"], "--per_class must be >= 1"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--seed", "4294967296"], "--seed must be <= 4294967295"),  # PRNGKey: seed 0 again
+        (["--seed", "9223372036854775808"], "--seed must be <= 4294967295"),  # PRNGKey overflow
+        (["--w", "nan"], "--w must be a finite number >= 0, got nan"),
+        (["--w", "inf"], "--w must be a finite number >= 0, got inf"),
+        (["--w=-1"], "--w must be a finite number >= 0, got -1.0"),
     ],
 )
 def test_sample_script_bad_input(straight_run, tmp_path, capsys, extra, message):
@@ -215,3 +221,86 @@ def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
     assert result.interrupted and int(result.state.step) == 2  # one dispatch of 2 steps
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_sample_script_sampler_options_reach_the_file_names(straight_run, tmp_path):
+    """Every sampler option is reachable from the command line and named in the outputs."""
+    workdir, _ = straight_run
+    out = str(tmp_path / "opts")
+    base = ["--workdir", workdir, "--per_class", "1", "--out", out, "--frames", "2"]
+    runs = {
+        "dpmpp2m3_w": ["--sampler", "dpmpp2m", "--steps", "3"],
+        "dpmpp2m3_quadratic_x0clip_w": [
+            "--sampler",
+            "dpmpp2m",
+            "--steps",
+            "3",
+            "--x0",
+            "clip",
+            "--spacing",
+            "quadratic",
+        ],
+        "ddpm4_large_x0none_w": [
+            "--sampler",
+            "ddpm",
+            "--steps",
+            "4",
+            "--variance",
+            "large",
+            "--x0",
+            "none",
+        ],
+        "ddim4_eta0.5_x0threshold_q0.9_w": [
+            "--sampler",
+            "ddim",
+            "--steps",
+            "4",
+            "--eta",
+            "0.5",
+            "--x0",
+            "threshold",
+            "--threshold_quantile",
+            "0.9",
+        ],
+    }
+    for tag, extra in runs.items():
+        assert sample_script.main(base + extra) == 0
+        names = [f for f in os.listdir(out) if f.startswith(f"step8_{tag}")]
+        assert len(names) == 3, (tag, sorted(os.listdir(out)))
+    npz = np.load(
+        os.path.join(
+            out, [f for f in os.listdir(out) if "quadratic" in f and f.endswith(".npz")][0]
+        )
+    )
+    assert str(npz["sampler"]) == "dpmpp2m" and str(npz["spacing"]) == "quadratic"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["--grad_clip", "inf"], "grad_clip must be a finite number > 0, got inf"),
+        (["--ema_decay", "nan"], r"ema_decay must be in [0, 1), got nan"),
+        (["--guidance", "nan"], "guidance must be a finite number >= 0, got nan"),
+        (["--seed", "4294967296"], "seed must be <= 4294967295"),
+        (["--seed", "9223372036854775808"], "seed must be <= 4294967295"),
+    ],
+)
+def test_train_script_refuses_bad_numbers(tmp_path, capsys, extra, message):
+    """One line, exit 2, and no workdir: nothing trains with nonsense values."""
+    workdir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--workdir", str(workdir), "--preset", "tiny", "--no_progress"] + extra)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+    assert not workdir.exists()
+
+
+def test_train_script_unwritable_workdir(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--workdir", str(tmp_path / "file" / "run"), "--preset", "tiny"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"cannot create --workdir {str(tmp_path / 'file' / 'run')!r}" in err
+    assert "is a file, not a folder" in err
