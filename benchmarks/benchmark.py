@@ -768,7 +768,7 @@ def step_flops(s: Sampling, method: str, guided: bool, batch: int, args) -> floa
     key = (method, guided, batch)
     if key not in s.step_flops:
         call = chain_inputs(s, method, 2, guided, batch, args.guidance, args.seed)
-        params, schedule, rng_key, labels, w, eta = call.args
+        params, schedule, rng_key, labels, w, eta, _ = call.args
         x = jnp.zeros(call.static["shape"], jnp.float32)
         carry = call.static["settings"].solver.init(x)
         compiled = (
@@ -807,7 +807,6 @@ def find_max_batch(s: Sampling, guided: bool, cap: int, args) -> tuple[int, list
     snapshots), and an ancestral step needs what a DDIM step needs.
     """
     import jax
-
 
     probes = []
 

@@ -170,17 +170,22 @@ def reverse_step(
 STEP_STATIC = ("denoise_fn", "settings", "guided", "null_label")
 
 
-def initial_noise(key, shape):
-    """``(x_T, key_steps)``: the chain's starting noise and the key its steps fold into."""
+def initial_noise(key, shape, x_init=None):
+    """``(x_T, key_steps)``: the chain's starting noise (``x_init`` if given, else drawn from
+    ``key``) and the key its steps fold into."""
     key_init, key_steps = jax.random.split(key)
+    if x_init is not None:
+        return jnp.asarray(x_init, jnp.float32), key_steps
     return jax.random.normal(key_init, shape, jnp.float32), key_steps
 
 
 @functools.partial(jax.jit, static_argnames=(*STEP_STATIC, "shape", "mesh"))
-def _sample_chain(params, schedule: Schedule, key, labels, w, eta, *, shape, mesh, **step_static):
+def _sample_chain(
+    params, schedule: Schedule, key, labels, w, eta, x_init, *, shape, mesh, **step_static
+):
     settings = step_static["settings"]
     num_steps, num_snapshots = schedule.num_steps, settings.num_snapshots
-    x, key_steps = initial_noise(key, shape)
+    x, key_steps = initial_noise(key, shape, x_init)
     if mesh is not None:  # the batch split over the mesh's devices; everything follows x
         x = jax.lax.with_sharding_constraint(x, sharding.batch_sharded(mesh))
         labels = jax.lax.with_sharding_constraint(labels, sharding.batch_sharded(mesh))
@@ -206,7 +211,8 @@ def _sample_chain(params, schedule: Schedule, key, labels, w, eta, *, shape, mes
 class ChainCall(NamedTuple):
     """A checked chain, ready to compile or run: ``_sample_chain(*args, **static)``.
 
-    ``args`` = (params, schedule, key, labels, w, eta), padded and replicated for a mesh; the
+    ``args`` = (params, schedule, key, labels, w, eta, x_init), padded and replicated for a mesh
+    (``x_init`` None unless the chain starts from given noise); the
     chain has ``static["shape"][0]`` rows, of which the first ``batch`` are the samples."""
 
     args: tuple
@@ -255,9 +261,9 @@ def sample_python_loop(call: ChainCall) -> jnp.ndarray:
     baseline for benchmarks (what compiling the whole chain with ``lax.scan`` buys). Same
     samples as :func:`sample` for the same key (up to float rounding). Returns x_0, (batch, ...);
     ``call`` must be prepared without a mesh."""
-    params, schedule, key, labels, w, eta = call.args
+    params, schedule, key, labels, w, eta, x_init = call.args
     step = jitted_step(call)
-    x, key_steps = initial_noise(key, call.static["shape"])
+    x, key_steps = initial_noise(key, call.static["shape"], x_init)
     carry = call.static["settings"].solver.init(x)
     for k in range(schedule.num_steps - 1, -1, -1):
         x, carry = step(params, schedule, jnp.int32(k), x, carry, key_steps, labels, w, eta)
@@ -312,6 +318,7 @@ def prepare_chain(
     labels=None,
     w: float = 0.0,
     eta: float = 0.0,
+    x_init=None,
     settings: SamplerSettings | None = None,
     mesh=None,
     **overrides,
@@ -349,7 +356,23 @@ def prepare_chain(
         labels = np.concatenate([np.asarray(labels), np.full(pad, num_classes, np.int32)])
         if w_arr.ndim:
             w_arr = np.concatenate([w_arr, np.zeros(pad)])
-    args = (params, schedule, key, labels, jnp.asarray(w_arr, jnp.float32), jnp.float32(eta))
+    if x_init is not None:
+        x_init = np.asarray(x_init, np.float32)
+        if x_init.shape != (batch, *shape[1:]):
+            raise ValueError(
+                f"x_init must have the sample shape {(batch, *shape[1:])}, got {x_init.shape}"
+            )
+        if mesh is not None:
+            x_init = np.concatenate([x_init, np.zeros((shape[0] - batch, *shape[1:]), np.float32)])
+    args = (
+        params,
+        schedule,
+        key,
+        labels,
+        jnp.asarray(w_arr, jnp.float32),
+        jnp.float32(eta),
+        x_init,
+    )
     if mesh is not None:
         args = sharding.replicate(args, mesh)
     static = dict(
@@ -374,6 +397,7 @@ def sample(
     labels=None,
     w: float = 0.0,
     eta: float = 0.0,
+    x_init=None,
     settings: SamplerSettings | None = None,
     mesh=None,
     timing: dict | None = None,
@@ -394,6 +418,9 @@ def sample(
       w: guidance weight >= 0, a Python number or a (B,) array of numbers (must be concrete: it
         decides whether the unconditional branch is compiled in). 0 = no guidance.
       eta: DDIM noise scale >= 0 (0 = deterministic); traced, so sweeping it does not recompile.
+      x_init: (B, ...) noise to start the chain from instead of drawing it from ``key`` (e.g.
+        the same noise for every sample, or interpolated noises); the steps' noise still comes
+        from ``key``.
       settings: a :class:`SamplerSettings` (default: ancestral, small variance, eps, clip to
         [-1, 1]); any of its fields may also be given as a keyword (``method="ddim"``,
         ``clip=None``, ...), which overrides ``settings``.
@@ -418,6 +445,7 @@ def sample(
         labels=labels,
         w=w,
         eta=eta,
+        x_init=x_init,
         settings=settings,
         mesh=mesh,
         **overrides,

@@ -121,3 +121,22 @@ def gaussian_flow(x_start, alpha_bar_start, alpha_bar_end, mu, std):
         alpha_bar_start * std**2 + 1.0 - alpha_bar_start
     )
     return np.sqrt(alpha_bar_end) * mu + np.sqrt(alpha_bar_end * std**2 + 1.0 - alpha_bar_end) * z
+
+
+def correlated_gaussian_params(mu, cov, alpha_bar):
+    return {
+        "mu": jnp.asarray(mu, jnp.float32),
+        "cov": jnp.asarray(cov, jnp.float32),
+        "alpha_bar": jnp.asarray(alpha_bar, jnp.float32),
+    }
+
+
+def correlated_gaussian_eps(params, x, t, labels):
+    """The optimal eps for x0 ~ N(mu, cov) (any covariance): x_t ~ N(sqrt(a) mu, a cov +
+    (1 - a) I), so E[eps | x_t] = sqrt(1 - a) (a cov + (1 - a) I)^-1 (x_t - sqrt(a) mu). Labels
+    are ignored (one class)."""
+    a = params["alpha_bar"][t][:, None, None]  # (B, 1, 1)
+    eye = jnp.eye(x.shape[-1])
+    marginal_cov = a * params["cov"][None] + (1.0 - a) * eye  # (B, D, D)
+    centred = x - jnp.sqrt(a[:, :, 0]) * params["mu"]
+    return jnp.sqrt(1.0 - a[:, :, 0]) * jnp.linalg.solve(marginal_cov, centred[..., None])[..., 0]
