@@ -59,8 +59,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from diffusion_jax import checkpoints, evaluation
+    from diffusion_jax import config as config_lib
 
     with cli.clean_errors("evaluate.py"):
+        # every number is checked before any checkpoint, data or classifier is read
+        ws = [config_lib.check_float("--w", w, 0.0) for w in evaluation.parse_floats(args.w, "--w")]
+        if args.steps_w is not None:
+            config_lib.check_float("--steps_w", args.steps_w, 0.0)
+        config_lib.check_int("--per_class", args.per_class, 1, config_lib.INT_MAX)
+        config_lib.check_int("--batch_size", args.batch_size, 1, config_lib.INT_MAX)
+        config_lib.check_seed(args.seed, "--seed")
+        if args.classifier_epochs is not None:
+            config_lib.check_int(
+                "--classifier_epochs", args.classifier_epochs, 1, config_lib.INT_MAX
+            )
         if args.npz:
             config, _ = checkpoints.read_config(args.workdir)
             row = evaluation.evaluate_npz(
@@ -71,8 +83,6 @@ def main(argv=None) -> int:
             )
             print(json.dumps(row, indent=1))
             return 0
-        if args.per_class < 1:
-            raise ValueError(f"--per_class must be >= 1, got {args.per_class}")
         config, _ = checkpoints.read_config(args.workdir)
         T = config.num_timesteps
         out = args.out or os.path.join(
@@ -80,7 +90,7 @@ def main(argv=None) -> int:
         )
         evaluation.sweep(
             args.workdir,
-            ws=evaluation.parse_floats(args.w, "--w"),
+            ws=ws,
             sampler_specs=evaluation.parse_samplers(args.samplers, T),
             guidance_spec=evaluation.parse_samplers(args.guidance_sampler, T)[0],
             steps_w=config.guidance if args.steps_w is None else args.steps_w,

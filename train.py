@@ -16,6 +16,23 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def check_workdir_creatable(workdir: str) -> None:
+    """Refuse, in one line, a --workdir that cannot be made: one below a file, or in a folder
+    this user cannot write to (a workdir that is itself a file is left to the training code)."""
+    path = os.path.abspath(workdir)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if existing != path and not os.path.isdir(existing):
+        raise ValueError(
+            f"cannot create --workdir {workdir!r}: {existing!r} is a file, not a folder"
+        )
+    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write to --workdir {workdir!r}: {existing!r} is not writable by this user"
+        )
+
+
 def main(argv=None) -> int:
     from diffusion_jax import cli, sharding, training
     from diffusion_jax import config as config_lib
@@ -34,11 +51,14 @@ def main(argv=None) -> int:
     cli.add_distributed_flags(parser)
     args = parser.parse_args(argv)
     with cli.clean_errors("train.py"):
+        overrides = config_lib.config_overrides(args)
+        config_lib.check_overrides(overrides)  # before the workdir is made
+        check_workdir_creatable(args.workdir)
         cli.start_distributed(args)
         result = training.train(
             args.workdir,
             preset=args.preset,
-            overrides=config_lib.config_overrides(args),
+            overrides=overrides,
             allow_config_change=args.allow_config_change,
             progress=not args.no_progress,
         )

@@ -1,6 +1,8 @@
 """Presets, overrides, serialisation and resume conflicts."""
 
 import argparse
+import dataclasses
+import math
 
 import pytest
 
@@ -81,3 +83,85 @@ def test_resume_conflicts():
         resolve_config(saved, "cpu", {})
     assert resolve_config(saved, None, {"lr": 0.5}, allow_config_change=True).lr == 0.5
     assert resolve_config(None, None, {}) == config_lib.get_config("mnist")
+
+
+def numeric_fields():
+    return [f.name for f in dataclasses.fields(config_lib.Config) if f.type in ("int", "float")]
+
+
+def test_every_numeric_field_has_a_range():
+    assert set(numeric_fields()) == set(config_lib.INT_RANGES) | set(config_lib.FLOAT_RANGES)
+
+
+@pytest.mark.parametrize("name", numeric_fields())
+def test_every_numeric_field_refuses_non_finite_and_wrong_types(name):
+    """NaN, infinities, booleans and strings are refused in every numeric field, as are
+    fractions in the integer ones, with the field's name in the message."""
+    bad = [math.nan, math.inf, -math.inf, True, "1"]
+    if name in config_lib.INT_RANGES:
+        bad.append(1.5)
+    for value in bad:
+        with pytest.raises(ValueError, match=rf"^(every entry of )?{name} must be"):
+            config_lib.get_config("tiny", **{name: value})
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lr=0.0), r"lr must be a finite number > 0, got 0.0"),
+        (dict(lr=-1e-3), r"lr must be a finite number > 0"),
+        (dict(grad_clip=0.0), r"grad_clip must be a finite number > 0"),
+        (dict(weight_decay=-0.1), r"weight_decay must be a finite number >= 0"),
+        (dict(guidance=math.inf), r"guidance must be a finite number >= 0, got inf"),
+        (dict(min_snr_gamma=math.inf), r"min_snr_gamma must be a finite number > 0"),
+        (dict(ema_decay=1.0), r"ema_decay must be in \[0, 1\), got 1.0"),
+        (dict(dropout=math.nan), r"dropout must be in \[0, 1\), got nan"),
+        (dict(seed=-1), r"seed must be >= 0, got -1"),
+        (dict(seed=2**32), r"seed must be <= 4294967295"),  # PRNGKey would make it seed 0
+        (dict(seed=2**63), r"seed must be <= 4294967295"),  # PRNGKey would overflow
+        (dict(num_steps=2**31), r"num_steps must be <= 2147483647"),
+        (dict(batch_size=16.0), r"batch_size must be an integer in \[1, 2147483647\]"),
+        (dict(mlp_layers=0), r"mlp_layers must be >= 1"),
+        (dict(num_res_blocks=-1), r"num_res_blocks must be >= 0"),
+        (dict(image_size=-8), r"image_size must be >= 0"),
+        (dict(channel_mults=()), r"channel_mults must be a non-empty"),
+        (dict(channel_mults=(1, 0)), r"every entry of channel_mults must be >= 1"),
+        (dict(attention_resolutions=(7.5,)), r"every entry of attention_resolutions must be"),
+        (dict(data_dir=None), r"data_dir must be a path"),
+    ],
+)
+def test_out_of_range_values_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        config_lib.get_config("tiny", **kw)
+
+
+def test_the_ends_of_the_ranges_and_old_configs_still_load():
+    """The extremes that are allowed, and a saved config whose float fields were written as
+    integers (JSON keeps 1 as 1), load as before."""
+    config_lib.get_config("tiny", seed=2**32 - 1, num_res_blocks=0, guidance=0.0, keep_every=0)
+    config_lib.get_config("tiny", weight_decay=0.0, p_uncond=0.0, ema_decay=0.0, image_size=0)
+    saved = config_lib.to_dict(config_lib.get_config("cpu"))
+    saved.update(lr=1, guidance=2, grad_clip=1, weight_decay=0, min_snr_gamma=5)
+    cfg = config_lib.from_dict(saved)
+    assert cfg.lr == 1 and cfg.guidance == 2
+    saved.update(seed=2**32)
+    with pytest.raises(ValueError, match="seed must be <= 4294967295"):
+        config_lib.from_dict(saved)
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["--ema_decay", "inf"], r"ema_decay must be in \[0, 1\)"),
+        (["--guidance=-inf"], "guidance must be a finite number >= 0"),
+        (["--seed", "18446744073709551616"], "seed must be <= 4294967295"),
+        (["--channel_mults", "1,-2"], "every entry of channel_mults must be >= 1"),
+    ],
+)
+def test_non_finite_and_out_of_range_flags(flags, match):
+    parser = argparse.ArgumentParser()
+    config_lib.add_config_flags(parser)
+    overrides = config_lib.config_overrides(parser.parse_args(flags))
+    with pytest.raises(ValueError, match=match):
+        config_lib.get_config("tiny", **overrides)

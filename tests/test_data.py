@@ -121,3 +121,79 @@ def test_batch_indices_are_epoch_permutations():
 
 def test_unit_range_mapping():
     np.testing.assert_allclose(data.to_unit_range(np.array([-1.0, 0.0, 1.0, 3.0])), [0, 0.5, 1, 1])
+
+
+def test_idx_class_count_is_the_largest_label_of_either_split(tmp_path):
+    """num_classes = 1 + the largest label, wherever it occurs (here: only in one split)."""
+    images = np.zeros((4, 2, 2), np.uint8)
+    for train_y, test_y in (([0, 1, 7, 2], [0, 3, 1, 1]), ([0, 1, 2, 2], [5, 0, 1, 1])):
+        for key, stem in data.IDX_FILES.items():
+            arrays = {"train_y": train_y, "test_y": test_y}
+            write_idx(str(tmp_path / stem), arrays.get(key, images))
+        expected = max(max(train_y), max(test_y)) + 1
+        assert data.load_idx_folder(str(tmp_path)).num_classes == expected
+
+
+def test_toy2d_means_on_the_circle():
+    """Five means at angles 2 pi k / 5 on the circle of radius 0.6 (float64 closed form)."""
+    angles = 2 * np.pi * np.arange(5) / 5
+    expected = 0.6 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    np.testing.assert_allclose(data.toy2d_means(), expected, atol=1e-12)
+
+
+def test_loaded_arrays_are_read_only():
+    ds = data.load_dataset(get_config("tiny"))
+    for array in (ds.train_x, ds.train_y, ds.test_x, ds.test_y):
+        assert not array.flags.writeable
+
+
+def test_damaged_idx_files_are_named(idx_folder, tmp_path_factory):
+    """Each fault ends in a DataUnavailableError that names the file and the fault, never in
+    an EOFError, an OSError or a silently misshapen array."""
+    folder, arrays = idx_folder
+    labels_gz = str(folder / "train-labels-idx1-ubyte.gz")  # the fixture gzips the labels
+    raw = gzip.open(labels_gz).read()
+    bad = tmp_path_factory.mktemp("damaged")
+    cases = {
+        "truncated.gz": (gzip.compress(raw)[:-12], "damaged or truncated gzip file"),
+        "fake.gz": (raw, "is not a gzip file"),
+        "short_header": (b"\x00\x00\x08\x03\x00\x00\x00\x05", "header announces 3 dimensions"),
+        "too_long": (raw + b"xyz", "longer than its header says"),
+        "empty_array": (b"\x00\x00\x08\x01\x00\x00\x00\x00", "holds no data"),
+    }
+    for name, (content, message) in cases.items():
+        (bad / name).write_bytes(content)
+        with pytest.raises(data.DataUnavailableError, match=message) as err:
+            data.read_idx(str(bad / name))
+        assert str(bad / name) in str(err.value)
+    (bad / "folder.gz").mkdir()
+    with pytest.raises(data.DataUnavailableError, match="is a folder, not an IDX file"):
+        data.read_idx(str(bad / "folder.gz"))
+
+
+@pytest.mark.parametrize(
+    "key, array",
+    [
+        ("train_x", np.zeros(30)),  # images of rank 1
+        ("test_y", np.zeros((12, 2))),  # labels of rank 2
+        ("train_y", np.zeros((30, 28, 28))),  # an images file where the labels belong
+    ],
+)
+def test_idx_file_of_the_wrong_rank(idx_folder, key, array):
+    folder, _ = idx_folder
+    stem = data.IDX_FILES[key]
+    for old in folder.glob(stem + "*"):
+        old.unlink()
+    write_idx(str(folder / stem), array)
+    with pytest.raises(data.DataUnavailableError, match=rf"{stem} holds an array of rank"):
+        data.load_idx_folder(str(folder))
+
+
+def test_a_file_as_data_dir_is_not_missing(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"x")
+    path = str(tmp_path / "train-images-idx3-ubyte.gz")
+    with pytest.raises(data.DataUnavailableError, match="is a file, not a folder") as err:
+        data.load_idx_folder(path)
+    assert "does not exist" not in str(err.value)
+    with pytest.raises(data.DataUnavailableError, match="is a file, not a folder"):
+        data.load_tfds("mnist", path)
