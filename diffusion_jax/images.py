@@ -42,8 +42,11 @@ def _rows_by_label(samples, labels):
     return np.asarray(order).reshape(-1), row_labels, per_row
 
 
-def save_grid(samples, labels, path: str, null_label: int = 10, scale: int = 2) -> None:
-    """A PNG of image samples (N, H, W, C) with one row per class, labelled on the left."""
+def save_grid(
+    samples, labels, path: str, null_label: int = 10, scale: int = 2, names: dict | None = None
+) -> None:
+    """A PNG of image samples (N, H, W, C) with one row per class, labelled on the left (by
+    ``names[label]`` when given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +68,9 @@ def save_grid(samples, labels, path: str, null_label: int = 10, scale: int = 2) 
         interpolation="nearest",
     )
     ax.set_yticks([1 + h * i + h / 2 for i in range(len(row_labels))])
-    ax.set_yticklabels(["uncond" if c == null_label else str(c) for c in row_labels], fontsize=7)
+    if names is None:
+        names = {c: "uncond" if c == null_label else str(c) for c in row_labels}
+    ax.set_yticklabels([names.get(c, "") for c in row_labels], fontsize=7)
     ax.set_xticks([])
     for side in ax.spines.values():
         side.set_visible(False)
@@ -73,6 +78,15 @@ def save_grid(samples, labels, path: str, null_label: int = 10, scale: int = 2) 
     with written(path) as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def save_rows(rows, path: str, row_labels=None, scale: int = 3) -> None:
+    """A PNG of image rows: ``rows`` a list of (n_i, H, W, C) arrays in [-1, 1], one row each
+    (shorter rows padded with blank cells), optionally labelled on the left."""
+    samples = np.concatenate(rows)
+    labels = np.repeat(np.arange(len(rows)), [len(r) for r in rows])
+    names = dict(enumerate(row_labels)) if row_labels is not None else None
+    save_grid(samples, labels, path, null_label=-1, scale=scale, names=names)
 
 
 def save_gif(

@@ -1,0 +1,63 @@
+"""sample.py --morph / --interpolate / --inpaint on the tiny run: files, and bad input."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample as sample_script
+
+
+def run(workdir, out, *extra):
+    return sample_script.main(["--workdir", workdir, "--out", str(out), "--steps", "3", *extra])
+
+
+def test_morph_interpolate_and_inpaint_write_their_pictures(straight_run, tmp_path):
+    workdir, _ = straight_run
+    assert run(workdir, tmp_path, "--morph", "0,1,2", "--frames", "2") == 0
+    gif = [f for f in os.listdir(tmp_path) if f.endswith("_morph.gif")]
+    assert len(gif) == 1 and "morph0-1-2_f2_dpmpp2m3" in gif[0]
+    assert Image.open(tmp_path / gif[0]).n_frames == 5  # 2 per transition + the last class
+    assert run(workdir, tmp_path, "--interpolate", "4", "--frames", "3") == 0
+    assert run(workdir, tmp_path, "--inpaint", "top", "--per_class", "3", "--resample", "2") == 0
+    kinds = sorted(f.rsplit("_", 1)[1] for f in os.listdir(tmp_path))
+    assert kinds == ["compare.png", "grid.png", "morph.gif", "strip.png"]
+
+
+def bad_files(tmp_path):
+    wrong_mask = tmp_path / "mask.npy"
+    np.save(wrong_mask, np.ones((5, 5)))
+    wrong_images = tmp_path / "big.npz"
+    np.savez(wrong_images, samples=np.zeros((2, 28, 28, 1), np.uint8))
+    out_of_range = tmp_path / "range.npz"
+    np.savez(out_of_range, samples=np.full((2, 8, 8, 1), 3.0, np.float32))
+    return wrong_mask, wrong_images, out_of_range
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--morph", "0,12"], "--morph takes two or more labels in [0, 10)"),
+        (["--morph", "3"], "--morph takes two or more labels"),
+        (["--morph", "0,1", "--sampler", "ddpm"], "deterministic sampler"),
+        (["--interpolate", "10"], "--interpolate takes a label in [0, 10)"),
+        (["--inpaint", "diagonal"], "--inpaint takes one of"),
+        (["--inpaint", "{mask}"], "mask.npy': the mask has shape (5, 5)"),
+        (["--inpaint", "top", "--images", "{big}"], "big.npz' holds shape (2, 28, 28, 1)"),
+        (["--inpaint", "top", "--images", "{range}"], "float images must lie in [0, 1]"),
+        (["--inpaint", "top", "--resample", "0"], "resample must be an integer >= 1"),
+    ],
+)
+def test_bad_input_names_the_flag_and_writes_nothing(
+    straight_run, tmp_path, capsys, extra, message
+):
+    workdir, _ = straight_run
+    mask, big, rng = bad_files(tmp_path)
+    extra = [e.format(mask=mask, big=big, range=rng) for e in extra]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run(workdir, out, *extra)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or os.listdir(out) == []
