@@ -76,7 +76,18 @@ def _forward_one_step(schedule: Schedule, k, x_prev, noise):
     jax.jit, static_argnames=("denoise_fn", "settings", "guided", "null_label", "resample")
 )
 def _inpaint_chain(
-    params, schedule, key, images, mask, labels, w, *, denoise_fn, settings, guided, null_label,
+    params,
+    schedule,
+    key,
+    images,
+    mask,
+    labels,
+    w,
+    *,
+    denoise_fn,
+    settings,
+    guided,
+    null_label,
     resample,
 ):
     num_steps = schedule.num_steps
