@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import tempfile
@@ -243,17 +242,12 @@ def sample_to_files(
             "diverged run?). Sample from an earlier checkpoint with --workdir "
             f"{os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
         )
-    try:
+    from diffusion_jax import images
+
+    with images.all_or_nothing(paths):
         _write_outputs(
             paths, config, model, params, data_shape, labels, key, kw, result, step, seed
         )
-    except BaseException:
-        # all or nothing: a file left from a failed call would block the rerun (FileExistsError)
-        for path in paths.values():
-            if path not in existing:
-                with contextlib.suppress(OSError):
-                    os.remove(path)
-        raise
     for path in paths.values():
         log(f"wrote {path}")
     return paths

@@ -8,7 +8,6 @@ kept unless ``overwrite``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import jax
@@ -43,20 +42,6 @@ def _outputs(workdir, out, name, kinds, overwrite) -> dict[str, str]:
     return paths
 
 
-@contextlib.contextmanager
-def _all_or_nothing(paths):
-    """Remove every output of ``paths`` this call wrote if the block fails."""
-    before = {p for p in paths.values() if os.path.exists(p)}
-    try:
-        yield
-    except BaseException:
-        for p in paths.values():
-            if p not in before:
-                with contextlib.suppress(OSError):
-                    os.remove(p)
-        raise
-
-
 def _check_finite(samples, what: str) -> np.ndarray:
     samples = np.asarray(samples)
     if not np.all(np.isfinite(samples)):
@@ -64,46 +49,48 @@ def _check_finite(samples, what: str) -> np.ndarray:
     return samples
 
 
-def morph_to_files(
-    workdir: str,
-    classes,
+def _deterministic(
+    workdir,
+    what,
+    fn,
+    arg,
+    check,
+    kinds,
     *,
-    frames: int = 8,
-    w: float | None = None,
-    method: str | None = "dpmpp2m",
-    steps: int | None = None,
-    spacing: str | None = None,
-    seed: int = 0,
-    out: str | None = None,
-    overwrite: bool = False,
-    log=print,
-    **settings,
-) -> dict[str, str]:
-    """``morph_*.gif`` (the frames in turn) and ``morph_*_grid.png`` (one row per transition)
-    of ``classes`` morphing one into the next under one noise; returns {kind: path}."""
+    frames,
+    w,
+    method,
+    steps,
+    spacing,
+    seed,
+    out,
+    overwrite,
+    settings,
+):
+    """``(paths, frames)`` of ``fn`` (``interpolation.class_morph`` or ``noise_interpolation``)
+    on the checkpoint in ``workdir``, after ``check(config)`` has vetted the request."""
     config, model, params, shape, step, method, steps, spacing, schedule, settings = _open(
         workdir, method, steps, spacing, settings
     )
     if method == "ddpm":
-        raise ValueError("a morph needs a deterministic sampler (--sampler ddim or dpmpp2m)")
-    classes = [int(c) for c in classes]
-    if len(classes) < 2 or any(not 0 <= c < config.num_classes for c in classes):
-        raise ValueError(
-            f"--morph takes two or more labels in [0, {config.num_classes}), got {classes}"
-        )
-    if frames < 1:
-        raise ValueError(f"--frames must be >= 1 for a morph, got {frames}")
+        raise ValueError(f"a {what} needs a deterministic sampler (--sampler ddim or dpmpp2m)")
+    check(config)
     w = config.guidance if w is None else w
-    name = f"step{step}_morph{'-'.join(map(str, classes))}_f{frames}_"
-    name += f"{generation.sampler_tag(method, steps, spacing, **settings)}_w{w:g}_seed{seed}"
-    paths = _outputs(workdir, out, name, {"morph": "gif", "grid": "png"}, overwrite)
-    result = interpolation.class_morph(
+    tag = generation.sampler_tag(method, steps, spacing, **settings)
+    paths = _outputs(
+        workdir,
+        out,
+        f"step{step}_{kinds.pop('name')}_f{frames}_{tag}_w{w:g}_seed{seed}",
+        kinds,
+        overwrite,
+    )
+    result = fn(
         models.denoiser(model),
         params,
         schedule,
         jax.random.PRNGKey(seed),
         shape,
-        classes,
+        arg,
         num_classes=config.num_classes,
         frames=frames,
         w=w,
@@ -111,11 +98,46 @@ def morph_to_files(
         prediction=config.prediction,
         **settings,
     )
-    frames_out = _check_finite(result.samples, "morph frames")
+    return paths, _check_finite(result.samples, f"{what} frames")
+
+
+def morph_to_files(
+    workdir: str,
+    classes,
+    *,
+    frames: int = 8,
+    log=print,
+    **kw,
+) -> dict[str, str]:
+    """``morph_*.gif`` (the frames in turn) and ``morph_*_grid.png`` (one row per transition)
+    of ``classes`` morphing one into the next under one noise; returns {kind: path}. Keywords:
+    ``w``, ``method`` (default ``dpmpp2m``), ``steps``, ``spacing``, ``seed``, ``out``,
+    ``overwrite`` and sampler settings, as :func:`interpolate_to_files`."""
+    classes = [int(c) for c in classes]
+
+    def check(config):
+        if len(classes) < 2 or any(not 0 <= c < config.num_classes for c in classes):
+            raise ValueError(
+                f"--morph takes two or more labels in [0, {config.num_classes}), got {classes}"
+            )
+        if frames < 1:
+            raise ValueError(f"--frames must be >= 1 for a morph, got {frames}")
+
+    kinds = {"name": f"morph{'-'.join(map(str, classes))}", "morph": "gif", "grid": "png"}
+    paths, out = _deterministic(
+        workdir,
+        "morph",
+        interpolation.class_morph,
+        classes,
+        check,
+        kinds,
+        frames=frames,
+        **_defaults(kw),
+    )
     # one row per transition, from a class to the next one inclusive
-    rows = [frames_out[i * frames : (i + 1) * frames + 1] for i in range(len(classes) - 1)]
-    with _all_or_nothing(paths):
-        images.save_gif(frames_out[:, None], paths["morph"], per_row=1, scale=4, frame_ms=120)
+    rows = [out[i * frames : (i + 1) * frames + 1] for i in range(len(classes) - 1)]
+    with images.all_or_nothing(paths):
+        images.save_gif(out[:, None], paths["morph"], per_row=1, scale=4, frame_ms=120)
         names = [f"{a}>{b}" for a, b in zip(classes[:-1], classes[1:], strict=True)]
         images.save_rows(rows, paths["grid"], names)
     for p in paths.values():
@@ -128,51 +150,52 @@ def interpolate_to_files(
     label: int,
     *,
     frames: int = 8,
-    w: float | None = None,
-    method: str | None = "dpmpp2m",
-    steps: int | None = None,
-    spacing: str | None = None,
-    seed: int = 0,
-    out: str | None = None,
-    overwrite: bool = False,
     log=print,
-    **settings,
+    **kw,
 ) -> dict[str, str]:
     """``interp_*_strip.png``: ``frames`` samples of class ``label`` from noises spherically
-    interpolated between two draws; returns {kind: path}."""
-    config, model, params, shape, step, method, steps, spacing, schedule, settings = _open(
-        workdir, method, steps, spacing, settings
-    )
-    if method == "ddpm":
-        raise ValueError("an interpolation needs a deterministic sampler (ddim or dpmpp2m)")
-    if not 0 <= label < config.num_classes:
-        raise ValueError(f"--interpolate takes a label in [0, {config.num_classes}), got {label}")
-    if frames < 2:
-        raise ValueError(f"--frames must be >= 2 for an interpolation, got {frames}")
-    w = config.guidance if w is None else w
-    name = f"step{step}_interp{label}_f{frames}_"
-    name += f"{generation.sampler_tag(method, steps, spacing, **settings)}_w{w:g}_seed{seed}"
-    paths = _outputs(workdir, out, name, {"strip": "png"}, overwrite)
-    result = interpolation.noise_interpolation(
-        models.denoiser(model),
-        params,
-        schedule,
-        jax.random.PRNGKey(seed),
-        shape,
+    interpolated between two draws; returns {kind: path}. Keywords: ``w`` (default: the
+    config's), ``method`` (default ``dpmpp2m``; ``ddim`` also works), ``steps``, ``spacing``,
+    ``seed``, ``out``, ``overwrite`` and sampler settings (``x0``, ``eta``...)."""
+
+    def check(config):
+        if not 0 <= label < config.num_classes:
+            raise ValueError(
+                f"--interpolate takes a label in [0, {config.num_classes}), got {label}"
+            )
+        if frames < 2:
+            raise ValueError(f"--frames must be >= 2 for an interpolation, got {frames}")
+
+    kinds = {"name": f"interp{label}", "strip": "png"}
+    paths, strip = _deterministic(
+        workdir,
+        "interpolation",
+        interpolation.noise_interpolation,
         label,
-        num_classes=config.num_classes,
+        check,
+        kinds,
         frames=frames,
-        w=w,
-        method=method,
-        prediction=config.prediction,
-        **settings,
+        **_defaults(kw),
     )
-    strip = _check_finite(result.samples, "interpolated samples")
-    with _all_or_nothing(paths):
+    with images.all_or_nothing(paths):
         images.save_rows([strip], paths["strip"], [str(label)])
     for p in paths.values():
         log(f"wrote {p}")
     return paths
+
+
+def _defaults(kw: dict) -> dict:
+    """The keywords of :func:`_deterministic`: the named ones with their defaults, the rest
+    sampler settings."""
+    named = dict(
+        w=None, method="dpmpp2m", steps=None, spacing=None, seed=0, out=None, overwrite=False
+    )
+    for k in named:
+        if k in kw:
+            named[k] = kw.pop(k)
+    if named["method"] is None:
+        named["method"] = "dpmpp2m"
+    return dict(named, settings=kw)
 
 
 def load_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -294,7 +317,7 @@ def inpaint_to_files(
     filled = _check_finite(filled, "inpainted images")
     masked = np.where(mask_arr > 0.5, originals, 0.0)  # unknown pixels shown mid-grey
     rows = [np.stack([o, m, f]) for o, m, f in zip(originals, masked, filled, strict=True)]
-    with _all_or_nothing(paths):
+    with images.all_or_nothing(paths):
         names = None if labels is None else [str(int(c)) for c in labels]
         images.save_rows(rows, paths["compare"], names)
     for p in paths.values():

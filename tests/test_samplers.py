@@ -136,7 +136,9 @@ def counting_denoiser(batches):
     return fn
 
 
-def test_no_unconditional_pass_at_w0():
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp2m"])
+def test_no_unconditional_pass_at_w0(method):
+    """One denoiser call per step: on the batch at w = 0, on the doubled batch with guidance."""
     sched = respace("cosine", 50, 5)
     for w, expected in [(0.0, [8]), (1.5, [16])]:
         batches = []
@@ -149,6 +151,7 @@ def test_no_unconditional_pass_at_w0():
             num_classes=3,
             labels=np.zeros(8, np.int32),
             w=w,
+            method=method,
         )
         # one call per step, traced once inside lax.scan
         assert batches == expected, (w, batches)
@@ -358,23 +361,6 @@ def test_global_error_orders():
         slopes[method] = np.polyfit(np.log(steps - 1.0), np.log(errors), 1)[0]
     assert -2.2 < slopes["dpmpp2m"] < -1.8, slopes
     assert -1.2 < slopes["ddim"] < -0.8, slopes
-
-
-def test_one_denoiser_call_per_step_with_guidance():
-    sched = respace("cosine", 50, 7)
-    batches = []
-    sample(
-        counting_denoiser(batches),
-        {},
-        sched,
-        jax.random.PRNGKey(0),
-        (8, 2),
-        num_classes=3,
-        labels=np.zeros(8, np.int32),
-        w=1.5,
-        method="dpmpp2m",
-    )
-    assert batches == [16]  # traced once inside lax.scan: one doubled-batch call per step
 
 
 @pytest.mark.parametrize("prediction", ["x0", "v", "mean"])
