@@ -20,6 +20,7 @@ import gzip
 import math
 import os
 import socket
+import ssl
 import zlib
 from typing import NamedTuple
 
@@ -220,12 +221,19 @@ def load_toy2d(num_train: int = 50_000, num_test: int = 10_000) -> Dataset:
 
 
 def can_reach(hosts=DOWNLOAD_HOSTS, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to any of ``hosts`` opens within ``timeout`` seconds."""
+    """Whether a TLS session with any of ``hosts`` opens within ``timeout`` seconds.
+
+    An open TCP connection is not enough: a proxy or captive portal may accept it and then fail
+    the handshake, and tfds would retry for minutes before giving up.
+    """
+    context = ssl.create_default_context()
     for host, port in hosts:
         try:
-            with socket.create_connection((host, port), timeout=timeout):
-                return True
-        except OSError:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                with context.wrap_socket(sock, server_hostname=host):
+                    return True
+        except OSError:  # (ssl.SSLError and socket.timeout are OSErrors)
             continue
     return False
 
@@ -258,7 +266,14 @@ def load_tfds(name: str, data_dir: str = "") -> Dataset:
                 f"tfds data set {name!r} is not prepared under {builder.data_dir!r} and its "
                 "download server cannot be reached from this machine. " + OFFLINE_HELP
             )
-        builder.download_and_prepare(file_format="array_record")
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except Exception as e:  # noqa: BLE001 - tfds/network errors of many kinds
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise DataUnavailableError(
+                f"downloading tfds data set {name!r} failed ({type(e).__name__}: {first}). "
+                + OFFLINE_HELP
+            ) from e
     splits = {s: _read_split(builder.as_data_source(split=s)) for s in ("train", "test")}
     (tx, ty), (vx, vy) = splits["train"], splits["test"]
     return Dataset(name, to_model_range(tx), ty, to_model_range(vx), vy, 10)

@@ -103,6 +103,41 @@ def test_tfds_offline_fails_fast_with_the_options(monkeypatch, tmp_path):
     assert "--dataset idx" in str(err.value)
 
 
+def test_a_server_that_accepts_tcp_but_fails_tls_is_unreachable(monkeypatch):
+    """A local listener that accepts the connection and closes it (as a failing proxy does):
+    the TCP connection opens, the TLS handshake fails, so the machine counts as offline."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def accept_and_drop():
+        conn, _ = server.accept()
+        conn.sendall(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=accept_and_drop, daemon=True).start()
+    start = time.perf_counter()
+    assert not data.can_reach((("127.0.0.1", server.getsockname()[1]),), timeout=3.0)
+    assert time.perf_counter() - start < 5
+    server.close()
+
+
+def test_a_failed_download_becomes_the_offline_message(monkeypatch, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.setattr(data, "can_reach", lambda *a, **k: True)
+
+    def fail(self, *a, **k):
+        raise ConnectionError("TLS handshake failed\nretrying...")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+    with pytest.raises(data.DataUnavailableError, match="TLS handshake failed") as err:
+        data.load_tfds("fashion_mnist", str(tmp_path))
+    assert "--dataset mnist5k" in str(err.value) and "retrying" not in str(err.value)
+
+
 def test_resize_for_tiny_configs():
     ds = data.load_dataset(get_config("tiny"))
     assert ds.train_x.shape[1:] == (8, 8, 1)
