@@ -32,6 +32,10 @@ def clean_errors(program: str):
     except run_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C before training catches signals itself (start-up, loading data, sampling)
+        print(f"{program}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:

@@ -198,3 +198,17 @@ def test_checkpoint_errors_say_what_to_do(straight_run, tmp_path, tiny_data):
         shutil.rmtree(ema_only / "checkpoints" / step / "state")
     with pytest.raises(checkpoints.CheckpointError, match="holds only EMA parameters"):
         training.train(str(ema_only), dataset=tiny_data, **TINY)
+
+
+def test_ctrl_c_outside_training_is_one_line(straight_run, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while sample.py loads or samples ends with one line and exit code 130."""
+    workdir, _ = straight_run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "load_for_sampling", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main(["--workdir", workdir, "--out", str(tmp_path)])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == "sample.py: interrupted"
