@@ -93,10 +93,10 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--x0",
         choices=X0_MODES,
-        default=None,
-        help="what is done to the predicted x0 at each step: clip to [-1, 1], dynamic "
-        "thresholding (Saharia et al. 2022) or nothing (default: the sampler's own: threshold "
-        "for dpmpp2m, clip for the others)",
+        default="clip",
+        help="what is done to the predicted x0 at each step: clip to [-1, 1] (default), "
+        "dynamic thresholding (Saharia et al. 2022; better for dpmpp2m at 10 steps or fewer, "
+        "see docs/RESULTS.md) or nothing",
     )
     group.add_argument(
         "--threshold_quantile",

@@ -28,8 +28,7 @@ def resolve_sampler(
     config's own, else the solver's default (all T steps for ``ddpm``). spacing: the one the
     solver is meant for (``Solver.spacing``). ``settings`` are
     :class:`~diffusion_jax.samplers.SamplerSettings` fields; unless they set ``clip`` or
-    ``threshold`` themselves, those come from ``x0`` (``solvers.X0_MODES``; default: the
-    solver's ``Solver.x0``).
+    ``threshold`` themselves, those come from ``x0`` (``solvers.X0_MODES``; default "clip").
     """
     method = config.sampler if method is None else method
     solver = solvers.get(method)
@@ -46,7 +45,7 @@ def resolve_sampler(
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     if "clip" not in settings and "threshold" not in settings:
-        settings.update(solvers.x0_settings(x0 or solver.x0, threshold_quantile))
+        settings.update(solvers.x0_settings(x0 or "clip", threshold_quantile))
     samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work
     return method, int(steps), spacing, settings
 
@@ -122,7 +121,7 @@ def sampler_tag(method: str, steps: int, spacing: str, eta: float = 0.0, **setti
         tag += f"_{settings['variance']}"
     threshold, clip = settings.get("threshold"), settings.get("clip", (-1.0, 1.0))
     mode = x0_mode(settings)
-    if mode != solver.x0:
+    if mode != "clip":
         tag += f"_x0{mode}"
     if mode == "threshold" and threshold != solvers.THRESHOLD_QUANTILE:
         tag += f"_q{threshold:g}"

@@ -65,8 +65,7 @@ class Solver:
     """A reverse-chain update rule. Subclasses set the class fields and define :meth:`step`.
 
     ``default_steps``: the chain length to use when none is asked for (None = every training
-    step); ``spacing``: the respacing it is meant to run on (``schedules.SPACINGS``); ``x0``:
-    what the command-line tools do to the predicted x0 by default (``X0_MODES``);
+    step); ``spacing``: the respacing it is meant to run on (``schedules.SPACINGS``);
     ``stochastic``: whether it draws noise (and so whether ``eta`` or ``variance`` matter).
     """
 
@@ -74,7 +73,6 @@ class Solver:
     summary = ""
     default_steps: int | None = None
     spacing = "uniform"
-    x0 = "clip"
     stochastic = False
 
     def init(self, x: jnp.ndarray):
@@ -134,10 +132,6 @@ class DPMSolverPP2M(Solver):
     # Evenly spaced in t, the last steps (near the data) stay ~0.35 or more apart in lambda
     # however many steps there are, and the second-order extrapolation overshoots there.
     spacing = "logsnr"
-    # The noisiest rows' x0 predictions are noise magnified by 1 / sqrt(abar); clipped to
-    # +-1 they enter the next step's extrapolation at full strength, rescaled they do not
-    # (measured in docs/RESULTS.md).
-    x0 = "threshold"
 
     def init(self, x):
         # (x0_hat of the previous step, that step's h); unused on the first step.

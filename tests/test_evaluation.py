@@ -143,8 +143,8 @@ def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path):
     table = open(os.path.join(out, "results.md")).read()
     assert "| sampler | NFE | spacing | x0 | w | n | FD | FD floor |" in table
     assert table.count("| ddim |") == 2
-    # each sampler with its own defaults: DPM-Solver++ on log-SNR spacing, thresholded
-    assert "| dpmpp2m | 3 | logsnr | threshold | 1 | 20 |" in table
+    # each sampler with its own defaults: DPM-Solver++ on log-SNR spacing
+    assert "| dpmpp2m | 3 | logsnr | clip | 1 | 20 |" in table
     assert "| ddim | 2 | uniform | clip | 0 | 20 |" in table
     with pytest.raises(SystemExit):  # outputs exist: refused
         evaluate_script.main(args)

@@ -230,13 +230,13 @@ def test_sample_script_sampler_options_reach_the_file_names(straight_run, tmp_pa
     base = ["--workdir", workdir, "--per_class", "1", "--out", out, "--frames", "2"]
     runs = {
         "dpmpp2m3_w": ["--sampler", "dpmpp2m", "--steps", "3"],
-        "dpmpp2m3_quadratic_x0clip_w": [
+        "dpmpp2m3_quadratic_x0threshold_w": [
             "--sampler",
             "dpmpp2m",
             "--steps",
             "3",
             "--x0",
-            "clip",
+            "threshold",
             "--spacing",
             "quadratic",
         ],
