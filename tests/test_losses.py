@@ -128,7 +128,8 @@ def test_label_dropout_rate_under_jit():
     np.testing.assert_array_equal(dropped[kept], np.asarray(labels)[kept])
 
 
-def test_loss_sees_dropped_labels():
+@pytest.mark.parametrize("p_uncond", [0.25, None])  # None: the documented default, 0.1
+def test_loss_sees_dropped_labels(p_uncond):
     """The denoiser receives the null label for about p_uncond of the batch."""
     seen = []
 
@@ -137,6 +138,7 @@ def test_loss_sees_dropped_labels():
         return jnp.zeros_like(x)
 
     n = 20_000
+    kw = {} if p_uncond is None else {"p_uncond": p_uncond}
     losses.diffusion_loss(
         spy,
         PARAMS,
@@ -145,10 +147,11 @@ def test_loss_sees_dropped_labels():
         gaussian_batch(n),
         jnp.zeros(n, jnp.int32),
         null_label=1,
-        p_uncond=0.25,
+        **kw,
     )
+    p = 0.1 if p_uncond is None else p_uncond
     rate = float(jnp.mean(seen[0] == 1))
-    assert abs(rate - 0.25) < 5 * np.sqrt(0.25 * 0.75 / n)
+    assert abs(rate - p) < 5 * np.sqrt(p * (1 - p) / n)
 
 
 @pytest.mark.parametrize(

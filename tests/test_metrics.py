@@ -70,6 +70,19 @@ def test_few_samples_warn_with_the_count_needed():
         metrics.feature_statistics(np.random.default_rng(0).standard_normal((17, 16)))
 
 
+def test_few_samples_warning_starts_exactly_where_the_covariance_is_singular():
+    """N samples give a covariance of rank at most N - 1: singular for N = D, full for N = D + 1."""
+    rng = np.random.default_rng(4)
+    d = 6
+    with pytest.warns(metrics.FewSamplesWarning):
+        _, cov = metrics.feature_statistics(rng.standard_normal((d, d)))
+    assert np.linalg.matrix_rank(cov) == d - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, cov = metrics.feature_statistics(rng.standard_normal((d + 1, d)))
+    assert np.linalg.matrix_rank(cov) == d
+
+
 def test_inception_score_limits():
     confident = np.eye(10)[np.arange(1000) % 10]
     assert metrics.inception_score(confident) == pytest.approx(10.0, rel=1e-6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffusion_jax import MLPDenoiser, UNet, denoiser
+from diffusion_jax.embeddings import Conditioning, sinusoidal_embedding
 from diffusion_jax.unet import depth_to_space, space_to_depth
 
 TINY = dict(
@@ -162,3 +163,44 @@ def test_patched_unet_is_the_plain_unet_on_patches():
     ref = depth_to_space(jax.jit(denoiser(plain))(params, space_to_depth(x, 2), t, y), 2)
     assert out.shape == (2, 28, 28, 1) and float(jnp.abs(out).max()) > 0
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_sinusoidal_embedding_closed_form():
+    """sin(t w_i) then cos(t w_i), w_i = 10000^(-i / half) for i < half = dim // 2, a zero column
+    appended for odd dim (float64 numpy)."""
+    t = np.array([0, 1, 7, 999])
+    for dim in (8, 9):
+        half = dim // 2
+        angles = t[:, None] * 10000.0 ** (-np.arange(half) / half)[None]
+        expected = np.concatenate(
+            [np.sin(angles), np.cos(angles), np.zeros((len(t), dim - 2 * half))], axis=1
+        )
+        got = sinusoidal_embedding(jnp.asarray(t), dim)
+        assert got.shape == (len(t), dim) and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), expected, atol=2e-4)
+
+
+def test_conditioning_is_time_mlp_plus_class_row():
+    """Conditioning = Dense(swish(Dense(sinusoid(t)))) + class_table[label], from its parameters
+    in float64 numpy; the table has num_classes + 1 rows (the last: null) and is absent for an
+    unconditional model."""
+    dim, t, labels = 8, jnp.array([0, 5, 40]), jnp.array([0, 2, 3])
+    model = Conditioning(dim, num_classes=3)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), t, labels)["params"]
+    # a random (non-zero) class table, so that its sign and rows are seen
+    table = np.random.default_rng(0).standard_normal((4, dim)).astype(np.float32)
+    params = {**params, "class": {"embedding": jnp.asarray(table)}}
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def swish(x):
+        return x / (1 + np.exp(-x))
+
+    h = np.asarray(sinusoidal_embedding(t, dim), np.float64)
+    h = h @ p["time_dense0"]["kernel"] + p["time_dense0"]["bias"]
+    h = swish(h) @ p["time_dense1"]["kernel"] + p["time_dense1"]["bias"]
+    out = model.apply({"params": params}, t, labels)
+    np.testing.assert_allclose(np.asarray(out), h + table[np.asarray(labels)], atol=1e-5)
+    for num_classes, rows in ((0, None), (1, 2)):
+        shapes = jax.eval_shape(Conditioning(dim, num_classes).init, jax.random.PRNGKey(0), t, t)
+        got = shapes["params"].get("class", {}).get("embedding")
+        assert (got.shape if got is not None else None) == (None if rows is None else (rows, dim))

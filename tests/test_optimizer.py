@@ -92,8 +92,9 @@ def test_ema_decay_warms_up_then_caps():
 
 @pytest.fixture(scope="module")
 def ema_run(tiny_data):
-    """(config, jitted steps, [state after 0..4 steps]) of the tiny preset, one step per call
-    (the config of the session's straight_run, so the step program is compiled once)."""
+    """(config, jitted steps, [state after 0..4 steps], [loss of steps 1..4]) of the tiny preset,
+    one step per call (the config of the session's straight_run, so the step program is compiled
+    once)."""
     config = get_config("tiny")
     mesh = sharding.data_mesh()
     steps = training.make_train_steps(config, mesh)
@@ -102,15 +103,16 @@ def ema_run(tiny_data):
     state = training.init_state(config, model, optimizer, (1, *tiny_data.train_x.shape[1:]))
     # placed and called as training.train does, so the session's compiled step is reused
     state = sharding.replicate(state, mesh)
-    states = [state]
+    states, step_losses = [state], []
     for _ in range(4):
-        state, _, _ = steps(state, train_x, train_y, 1)
+        state, loss, _ = steps(state, train_x, train_y, 1)
         states.append(state)
-    return config, steps, states
+        step_losses.append(float(loss))
+    return config, steps, states, step_losses
 
 
 def test_ema_follows_the_warmed_up_recurrence(ema_run):
-    config, _, states = ema_run
+    config, _, states, _ = ema_run
     ema = flat(states[0].params)  # the EMA starts at the initial parameters
     for k in range(4):
         decay = min(config.ema_decay, (1 + k) / (10 + k))
@@ -120,7 +122,7 @@ def test_ema_follows_the_warmed_up_recurrence(ema_run):
 
 
 def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_data):
-    _, steps, states = ema_run
+    _, steps, states, _ = ema_run
     mesh = sharding.data_mesh()
     bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
     train_x, train_y = training.device_data(bad, mesh, 1)
@@ -132,3 +134,31 @@ def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_
         flat(state.opt_state.inner_state), flat(states[4].opt_state.inner_state)
     )
     assert int(state.opt_state.notfinite_count) == 1
+
+
+def test_one_dispatch_of_several_steps_is_those_steps_one_by_one(ema_run, tiny_data):
+    """``num_steps`` steps in one dispatch reach the state of as many single-step dispatches,
+    and the returned loss is the sum of their losses (one compiled program: the count is traced)."""
+    config, steps, states, step_losses = ema_run
+    assert config.steps_per_dispatch > 1  # the fori_loop program
+    train_x, train_y = training.device_data(tiny_data, sharding.data_mesh(), 1)
+    state, loss_sum, _ = steps(states[1], train_x, train_y, 3)
+    assert int(state.step) == 4
+    for field in ("params", "ema_params"):
+        np.testing.assert_allclose(
+            flat(getattr(state, field)), flat(getattr(states[4], field)), rtol=1e-5, atol=1e-6
+        )
+    assert float(loss_sum) == pytest.approx(sum(step_losses[1:]), rel=1e-5)
+
+
+def test_the_train_step_runs_the_network_in_training_mode(monkeypatch):
+    """Dropout is active in training: the step's denoiser is built with train=True. (The tiny
+    preset has no dropout, so the steps above cannot see it; no program is compiled here.)"""
+    seen = []
+    real = training.models.denoiser
+    monkeypatch.setattr(
+        training.models, "denoiser", lambda model, train=False: seen.append(train) or real(model)
+    )
+    config = training.config_lib.math_part(get_config("tiny", dropout=0.1))
+    training._make_train_steps.__wrapped__(config, sharding.data_mesh(), 1)  # uncached
+    assert seen == [True]
