@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import checkpoints, models, samplers, sharding, solvers
-from diffusion_jax.schedules import SPACINGS, respace
+from diffusion_jax.schedules import SPACINGS, max_steps, respace
 
 
 def resolve_sampler(
@@ -33,6 +33,7 @@ def resolve_sampler(
     method = config.sampler if method is None else method
     solver = solvers.get(method)
     T = config.num_timesteps
+    default_count = steps is None
     if steps is None:
         steps = (
             config.sample_steps if method == config.sampler else solvers.default_steps(method, T)
@@ -44,6 +45,8 @@ def resolve_sampler(
     spacing = solver.spacing if spacing is None else spacing
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if default_count:  # a default never asks for more steps than the spacing can place
+        steps = min(steps, max_steps(config.schedule, T, spacing))
     if "clip" not in settings and "threshold" not in settings:
         settings.update(solvers.x0_settings(x0 or "clip", threshold_quantile))
     samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work

@@ -246,6 +246,16 @@ def respaced_timesteps(
     return _distinct(frac, last)
 
 
+def max_steps(name: str, num_timesteps: int, spacing: str = "uniform") -> int:
+    """The most steps :func:`respace` can keep with ``spacing``: T, or for "logsnr" the
+    timesteps at or above ``LOGSNR_MIN``."""
+    if spacing != "logsnr":
+        return _check_num_timesteps(num_timesteps)
+    alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
+    logsnr = np.log(alpha_bar) - np.log1p(-alpha_bar)
+    return int(np.count_nonzero(logsnr >= min(LOGSNR_MIN, logsnr[0])))
+
+
 def respace(name: str, num_timesteps: int, num_steps: int, spacing: str = "uniform") -> Schedule:
     """The training schedule ``(name, T)`` restricted to ``num_steps`` (K) of its steps, placed by
     ``spacing`` (one of ``SPACINGS``, see :func:`respaced_timesteps`).

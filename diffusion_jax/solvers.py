@@ -158,7 +158,8 @@ class DPMSolverPP2M(Solver):
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (Ancestral(), DDIM(), DPMSolverPP2M())}
 METHODS = tuple(SOLVERS)
-# What sample.py uses when no --sampler is given (see docs/RESULTS.md for the measurement).
+# What sample.py uses when no --sampler is given: at its 20 steps it matched DDIM-50 on the
+# shipped model (docs/RESULTS.md).
 RECOMMENDED = "dpmpp2m"
 
 

@@ -11,6 +11,7 @@ from diffusion_jax.schedules import (
     SPACINGS,
     get_betas,
     make_schedule,
+    max_steps,
     respace,
     respaced_timesteps,
 )
@@ -107,6 +108,7 @@ def test_spacings_keep_distinct_steps_and_both_ends(name, spacing, T, K):
     alpha_bar, logsnr = training_log_snr(name, T)
     # logsnr stops where the log-SNR falls below its floor (only the cosine tail does)
     top = np.max(np.nonzero(logsnr >= LOGSNR_MIN)) if spacing == "logsnr" else T - 1
+    assert max_steps(name, T, spacing) == top + 1
     if K > top + 1:
         with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {top + 1}\]"):
             respaced_timesteps(T, K, spacing, alpha_bar)
