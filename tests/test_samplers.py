@@ -436,3 +436,7 @@ def test_registry_drives_the_choices():
     assert solvers.default_steps("dpmpp2m", 8) == 8
     with pytest.raises(ValueError, match="registered samplers"):
         solvers.get("euler")
+    # the x0 modes of the command line, with Saharia et al.'s quantile by default
+    assert solvers.x0_settings("threshold") == {"clip": (-1.0, 1.0), "threshold": 0.995}
+    assert solvers.x0_settings("none") == {"clip": None, "threshold": None}
+    assert solvers.x0_settings("clip", 0.9) == {"clip": (-1.0, 1.0), "threshold": None}

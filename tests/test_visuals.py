@@ -18,7 +18,14 @@ def test_morph_interpolate_and_inpaint_write_their_pictures(straight_run, tmp_pa
     assert run(workdir, tmp_path, "--morph", "0,1,2", "--frames", "2") == 0
     gif = [f for f in os.listdir(tmp_path) if f.endswith("_morph.gif")]
     assert len(gif) == 1 and "morph0-1-2_f2_dpmpp2m3" in gif[0]
-    assert Image.open(tmp_path / gif[0]).n_frames == 5  # 2 per transition + the last class
+    # 2 frames per transition + the last class: 4 x 120 ms + the last held 1.5 s (Pillow merges
+    # identical neighbouring frames, adding up their durations, so the total is what is checked)
+    gif_image = Image.open(tmp_path / gif[0])
+    total_ms = 0
+    for i in range(gif_image.n_frames):
+        gif_image.seek(i)
+        total_ms += gif_image.info["duration"]
+    assert total_ms == 4 * 120 + 1500
     assert run(workdir, tmp_path, "--interpolate", "4", "--frames", "3") == 0
     assert run(workdir, tmp_path, "--inpaint", "top", "--per_class", "3", "--resample", "2") == 0
     kinds = sorted(f.rsplit("_", 1)[1] for f in os.listdir(tmp_path))
