@@ -446,6 +446,10 @@ def train(
     """
     workdir = os.path.abspath(workdir)
     _check_workdir(workdir)
+    if not os.path.isdir(os.path.join(workdir, checkpoints.SUBDIR)):
+        # A new run: a config that cannot be trained (e.g. sample_steps > num_timesteps) is
+        # refused before the lock creates the folder, so no empty workdir is left behind.
+        config_lib.get_config(preset or "mnist", **(overrides or {}))
     main = sharding.is_main_process()
     if not main:
         log, progress = (lambda *a, **k: None), False

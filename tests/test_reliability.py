@@ -212,3 +212,40 @@ def test_ctrl_c_outside_training_is_one_line(straight_run, tmp_path, capsys, mon
         sample_script.main(["--workdir", workdir, "--out", str(tmp_path)])
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == "sample.py: interrupted"
+
+
+def test_an_impossible_new_config_leaves_no_workdir(tmp_path, tiny_data):
+    workdir = tmp_path / "new"
+    with pytest.raises(ValueError, match="sample_steps"):
+        training.train(
+            str(workdir),
+            dataset=tiny_data,
+            overrides={"sample_steps": 50, "num_timesteps": 20},
+            **TINY,
+        )
+    assert not workdir.exists()
+
+
+def test_sampling_while_training_rotates_the_checkpoint_away(
+    straight_run, tmp_path, capsys, monkeypatch
+):
+    """The checkpoint sample.py picked is deleted before it is read (a running training's
+    rotation): one line on stderr, no traceback, nothing written."""
+    workdir, _ = straight_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    real_pick = checkpoints._pick_step
+
+    def pick_then_rotate(mngr, directory, step):
+        chosen = real_pick(mngr, directory, step)
+        shutil.rmtree(os.path.join(directory, str(chosen)))
+        return chosen
+
+    monkeypatch.setattr(checkpoints, "_pick_step", pick_then_rotate)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        sample_script.main(["--workdir", str(copy), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code in (1, 2) and "\n" not in err and "Traceback" not in err
+    assert "could not be read" in err and "resume from step 4" in err
+    assert not out.exists()
