@@ -9,7 +9,9 @@ and every checkpoint whose step is a multiple of ``keep_every`` for good.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 import orbax.checkpoint as ocp
 
@@ -32,11 +34,32 @@ def manager(directory: str, keep_every: int = 0, max_to_keep: int = 2) -> ocp.Ch
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def check_space(directory: str, trees, step: int) -> None:
+    """OSError (no space) unless the disk of ``directory`` has room for the arrays of ``trees``
+    with a margin: Orbax's background threads would otherwise fail half-way through the write
+    with thousands of lines of tracebacks."""
+    import jax
+
+    need = sum(getattr(x, "nbytes", 0) for x in jax.tree_util.tree_leaves(trees))
+    need = int(1.5 * need) + (1 << 20)  # files, metadata and OCDBT overhead
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough space for the checkpoint of step {step} (about {need / 1e6:.1f} MB "
+            f"needed, {free / 1e6:.1f} MB free); nothing was written: free some space and resume "
+            "(earlier checkpoints are intact)",
+            directory,
+        )
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data_shape) -> None:
     """Start an (asynchronous) save; call ``mngr.wait_until_finished()`` before exiting.
 
-    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling.
+    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling. Refuses
+    (OSError) before writing anything if the disk is nearly full.
     """
+    check_space(str(mngr.directory), (state, ema_params), step)
     meta = {
         "project": PROJECT,
         "format": FORMAT_VERSION,

@@ -249,3 +249,18 @@ def test_sampling_while_training_rotates_the_checkpoint_away(
     assert exit_info.value.code in (1, 2) and "\n" not in err and "Traceback" not in err
     assert "could not be read" in err and "resume from step 4" in err
     assert not out.exists()
+
+
+def test_a_full_disk_stops_before_orbax_writes(tmp_path, tiny_data, monkeypatch):
+    """With too little space for a checkpoint the run stops with one OSError naming the folder,
+    before Orbax's background threads start a write they cannot finish (which printed thousands
+    of lines of tracebacks), and leaves no half-written step or lock behind."""
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    workdir = tmp_path / "run"
+    with pytest.raises(OSError, match="not enough space for the checkpoint of step 4"):
+        training.train(str(workdir), dataset=tiny_data, **TINY)
+    assert os.listdir(workdir / "checkpoints") == []
+    assert not (workdir / training.LOCK_NAME).exists()
