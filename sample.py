@@ -13,9 +13,19 @@ Labels are 0..9; 10 means unconditional. Existing outputs are kept unless --over
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if __name__ == "__main__":
+    # Ctrl-C before the training loop handles it (imports, compiling, sampling): one line and
+    # exit 130, leaving at once; a traceback or interpreter teardown amid XLA threads (which
+    # crashed with a segmentation fault) helps nobody. Outputs are written under temporary names,
+    # so nothing half-written is left where a finished file is expected.
+    signal.signal(
+        signal.SIGINT, lambda *_: (sys.stderr.write("sample.py: interrupted\n"), os._exit(130))
+    )
 
 from diffusion_jax import cli  # noqa: E402  (after the environment is set)
 from diffusion_jax.solvers import METHODS, RECOMMENDED  # noqa: E402

@@ -11,9 +11,19 @@ On several hosts, start the same command on each with ``--distributed`` (see REA
 
 import argparse
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+if __name__ == "__main__":
+    # Ctrl-C before the training loop handles it (imports, compiling, sampling): one line and
+    # exit 130, leaving at once; a traceback or interpreter teardown amid XLA threads (which
+    # crashed with a segmentation fault) helps nobody. Outputs are written under temporary names,
+    # so nothing half-written is left where a finished file is expected.
+    signal.signal(
+        signal.SIGINT, lambda *_: (sys.stderr.write("train.py: interrupted\n"), os._exit(130))
+    )
 
 
 def check_workdir_creatable(workdir: str) -> None:

@@ -264,3 +264,33 @@ def test_a_full_disk_stops_before_orbax_writes(tmp_path, tiny_data, monkeypatch)
         training.train(str(workdir), dataset=tiny_data, **TINY)
     assert os.listdir(workdir / "checkpoints") == []
     assert not (workdir / training.LOCK_NAME).exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(straight_run, tmp_path):
+    """A real SIGINT while sample.py is still importing jax: one line and exit 130, no
+    traceback (and no crash from an interpreter torn down amid XLA threads)."""
+    import signal
+    import subprocess
+    import sys
+
+    workdir, _ = straight_run
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["sample.py", "--workdir", workdir, "--out", str(tmp_path / "out")]
+    # A test runner started in the background ignores SIGINT, and its children inherit that; a
+    # terminal does not, so the child restores it before becoming sample.py.
+    launcher = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        f"os.execv(sys.executable, [sys.executable] + {args!r})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "sample.py: interrupted"
