@@ -440,3 +440,19 @@ def test_registry_drives_the_choices():
     assert solvers.x0_settings("threshold") == {"clip": (-1.0, 1.0), "threshold": 0.995}
     assert solvers.x0_settings("none") == {"clip": None, "threshold": None}
     assert solvers.x0_settings("clip", 0.9) == {"clip": (-1.0, 1.0), "threshold": None}
+
+
+def test_timing_reports_compile_and_sampling_seconds():
+    timing = {}
+    out = sample(
+        mixture_eps,
+        mixture_params(MU[None], STD, [1.0], make_schedule("cosine", 50).alpha_bar),
+        respace("cosine", 50, 4),
+        jax.random.PRNGKey(0),
+        (8, 2),
+        num_classes=1,
+        method="dpmpp2m",
+        timing=timing,
+    )
+    assert out.samples.shape == (8, 2)
+    assert 0 < timing["compile_s"] < 300 and 0 < timing["sample_s"] < 300, timing

@@ -110,7 +110,8 @@ def test_spacings_keep_distinct_steps_and_both_ends(name, spacing, T, K):
     top = np.max(np.nonzero(logsnr >= LOGSNR_MIN)) if spacing == "logsnr" else T - 1
     assert max_steps(name, T, spacing) == top + 1
     if K > top + 1:
-        with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {top + 1}\]"):
+        floor = f", {top + 1} above the log-SNR floor" if top < T - 1 else ""
+        with pytest.raises(ValueError, match=rf"num_steps must be in \[1, {top + 1}\] .*{floor}\)"):
             respaced_timesteps(T, K, spacing, alpha_bar)
         return
     ts = respaced_timesteps(T, K, spacing, alpha_bar)
