@@ -26,25 +26,8 @@ if __name__ == "__main__":
     )
 
 
-def check_workdir_creatable(workdir: str) -> None:
-    """Refuse, in one line, a --workdir that cannot be made: one below a file, or in a folder
-    this user cannot write to (a workdir that is itself a file is left to the training code)."""
-    path = os.path.abspath(workdir)
-    existing = path
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if existing != path and not os.path.isdir(existing):
-        raise ValueError(
-            f"cannot create --workdir {workdir!r}: {existing!r} is a file, not a folder"
-        )
-    if os.path.isdir(existing) and not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"cannot write to --workdir {workdir!r}: {existing!r} is not writable by this user"
-        )
-
-
 def main(argv=None) -> int:
-    from diffusion_jax import cli, sharding, training
+    from diffusion_jax import cli, sharding, training, workdir
     from diffusion_jax import config as config_lib
 
     parser = argparse.ArgumentParser(
@@ -63,7 +46,7 @@ def main(argv=None) -> int:
     with cli.clean_errors("train.py"):
         overrides = config_lib.config_overrides(args)
         config_lib.check_overrides(overrides)  # before the workdir is made
-        check_workdir_creatable(args.workdir)
+        workdir.check_creatable(args.workdir)
         cli.start_distributed(args)
         result = training.train(
             args.workdir,

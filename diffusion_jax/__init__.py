@@ -5,10 +5,13 @@ The folder listing is the architecture:
 * mathematics: ``schedules`` (noise schedules, respacing), ``diffusion`` (forward process,
   posterior, parameterizations), ``losses`` (training objective, label dropout), ``solvers``
   (reverse-step update rules, one registry), ``samplers`` (jitted ``lax.scan`` reverse chains
-  with guidance);
+  with guidance), ``interpolation`` (class morphs, noise interpolation), ``inpainting``
+  (RePaint);
 * networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (config -> module -> denoiser);
 * running: ``config`` (presets, flags), ``data`` (data sets), ``training`` (Optax loop, EMA),
-  ``checkpoints`` (Orbax), ``generation`` (sampling a checkpoint), ``images`` (grids, GIFs),
+  ``workdir`` (a run's folder and its lock),
+  ``checkpoints`` (Orbax), ``generation`` (sampling a checkpoint), ``visuals`` (morphs,
+  inpainting and interpolations of a checkpoint, as files), ``images`` (grids, GIFs),
   ``cli`` (error reporting of the scripts);
 * measuring: ``classifier`` (the evaluation CNN), ``metrics`` (Frechet distance, Inception
   Score), ``evaluation`` (floors, sweeps, tables, plots).

@@ -8,13 +8,11 @@ resumed therefore computes exactly what an uninterrupted run computes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import os
 import signal
-import socket
 import time
 from typing import Any, NamedTuple
 
@@ -26,6 +24,7 @@ from flax import struct
 
 from diffusion_jax import checkpoints, data, losses, models, sharding
 from diffusion_jax import config as config_lib
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.schedules import make_schedule
 
 
@@ -230,128 +229,6 @@ def resolve_config(saved, preset, overrides, allow_config_change=False) -> confi
     return requested
 
 
-def _check_workdir(workdir: str) -> None:
-    """Refuse to write into an existing folder that is not a workdir of ours."""
-    if os.path.isdir(workdir) and os.listdir(workdir):
-        ours = {checkpoints.SUBDIR, "metrics.jsonl", "samples", "config.json", LOCK_NAME}
-        if not set(os.listdir(workdir)) & ours:
-            raise checkpoints.CheckpointError(
-                f"{workdir!r} exists and is not a diffusion_jax workdir; choose a new or empty "
-                "--workdir so nothing in it is overwritten"
-            )
-    elif os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise checkpoints.CheckpointError(f"--workdir {workdir!r} is a file, not a folder")
-
-
-LOCK_NAME = ".train.lock"
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: str):
-    """Hold ``workdir/.train.lock`` while training, so two runs never write one workdir.
-
-    A lock left by a process that no longer exists (on this host) is taken over, and so is one
-    that names no owner (empty or unreadable, e.g. written on a full disk) once it is older than
-    ``LOCK_GRACE_S``: a live owner writes its name within microseconds of creating the file.
-    """
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, LOCK_NAME)
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _lock_owner(path)
-            if owner is None:
-                if _age_s(path) > LOCK_GRACE_S:
-                    _remove_quietly(path)  # stale: nobody ever finished writing its name
-                    continue
-                host, pid = "an unnamed process", "?"
-            else:
-                host, pid = owner
-                if host == socket.gethostname() and not _alive(int(pid)):
-                    _remove_quietly(path)  # stale: its process is gone
-                    continue
-            raise checkpoints.CheckpointError(
-                f"another training process ({host} pid {pid}) is writing to {workdir!r}; wait "
-                f"for it to finish or stop it (if it is gone, delete {path})"
-            ) from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-        except OSError:
-            _remove_quietly(path)  # never leave an empty lock behind (a full disk)
-            raise
-        break
-    try:
-        yield
-    finally:
-        try:
-            if open(path).read() == me:  # never remove a lock another process took over
-                os.remove(path)
-        except OSError:
-            pass
-
-
-@contextlib.contextmanager
-def _run_lock(workdir: str):
-    """:func:`workdir_lock`, taken by process 0; with several processes all of them learn
-    whether it was taken (so none goes on alone) and check that they share the workdir."""
-    if jax.process_count() == 1:
-        with workdir_lock(workdir):
-            yield
-        return
-    with contextlib.ExitStack() as stack:
-        error = None
-        if sharding.is_main_process():
-            try:
-                stack.enter_context(workdir_lock(workdir))
-            except checkpoints.CheckpointError as e:
-                error = e
-        if not sharding.same_on_all_processes(error is None):
-            raise error or checkpoints.CheckpointError(
-                f"process 0 could not lock {workdir!r} (another run is writing to it; see the "
-                "error of process 0)"
-            )
-        sharding.check_shared_folder(workdir)
-        yield
-
-
-LOCK_GRACE_S = 10.0
-
-
-def _lock_owner(path: str) -> tuple[str, str] | None:
-    """``(host, pid)`` written in a lock file, or None if it names nobody readable."""
-    try:
-        host, pid = open(path).read().split()
-        int(pid)
-    except (OSError, ValueError):
-        return None
-    return host, pid
-
-
-def _age_s(path: str) -> float:
-    try:
-        return time.time() - os.path.getmtime(path)
-    except OSError:
-        return 0.0
-
-
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
-
-
 class _StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks between dispatches.
 
@@ -445,7 +322,7 @@ def train(
       run early, after a checkpoint was written.
     """
     workdir = os.path.abspath(workdir)
-    _check_workdir(workdir)
+    workdir_lib.check_workdir(workdir)
     if not os.path.isdir(os.path.join(workdir, checkpoints.SUBDIR)):
         # A new run: a config that cannot be trained (e.g. sample_steps > num_timesteps) is
         # refused before the lock creates the folder, so no empty workdir is left behind.
@@ -454,7 +331,7 @@ def train(
     if not main:
         log, progress = (lambda *a, **k: None), False
     num_shards = jax.process_count() if data_shards is None else data_shards
-    with _run_lock(workdir):
+    with workdir_lib.run_lock(workdir):
         return _train(
             workdir,
             preset,

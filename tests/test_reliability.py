@@ -15,6 +15,7 @@ from conftest import TINY
 
 import sample as sample_script
 from diffusion_jax import checkpoints, classifier, generation, images, training
+from diffusion_jax import workdir as workdir_lib
 
 
 def test_a_diverging_run_saves_nothing_after_its_last_good_step(tmp_path, tiny_data):
@@ -119,15 +120,15 @@ def test_written_replaces_only_on_success(tmp_path):
 def test_lock_without_an_owner(tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     os.makedirs(workdir)
-    lock = os.path.join(workdir, training.LOCK_NAME)
+    lock = os.path.join(workdir, workdir_lib.LOCK_NAME)
     open(lock, "w").close()  # empty: its writer died before writing its name (a full disk)
     # a fresh one may belong to a process that is about to write its name: refused
     with pytest.raises(checkpoints.CheckpointError, match="another training process"):
-        with training.workdir_lock(workdir):
+        with workdir_lib.workdir_lock(workdir):
             pass
-    old = time.time() - 2 * training.LOCK_GRACE_S
+    old = time.time() - 2 * workdir_lib.LOCK_GRACE_S
     os.utime(lock, (old, old))
-    with training.workdir_lock(workdir):  # an old one is stale: taken over
+    with workdir_lib.workdir_lock(workdir):  # an old one is stale: taken over
         assert open(lock).read() == f"{socket.gethostname()} {os.getpid()}"
     assert not os.path.exists(lock)
 
@@ -142,7 +143,7 @@ def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch)
 
     monkeypatch.setattr(os, "fdopen", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        with training.workdir_lock(workdir):
+        with workdir_lib.workdir_lock(workdir):
             pass
     monkeypatch.setattr(os, "fdopen", real_fdopen)
     assert os.listdir(workdir) == []
@@ -263,7 +264,7 @@ def test_a_full_disk_stops_before_orbax_writes(tmp_path, tiny_data, monkeypatch)
     with pytest.raises(OSError, match="not enough space for the checkpoint of step 4"):
         training.train(str(workdir), dataset=tiny_data, **TINY)
     assert os.listdir(workdir / "checkpoints") == []
-    assert not (workdir / training.LOCK_NAME).exists()
+    assert not (workdir / workdir_lib.LOCK_NAME).exists()
 
 
 def test_ctrl_c_during_start_up_is_one_line(straight_run, tmp_path):

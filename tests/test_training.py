@@ -12,6 +12,7 @@ from conftest import TINY
 import sample as sample_script
 import train as train_script
 from diffusion_jax import checkpoints, generation, training
+from diffusion_jax import workdir as workdir_lib
 
 
 def leaves(tree):
@@ -193,18 +194,18 @@ def test_toy2d_run_and_scatter_plot(tmp_path):
 
 def test_a_workdir_in_use_is_refused(tmp_path, tiny_data):
     workdir = str(tmp_path / "busy")
-    with training.workdir_lock(workdir):
+    with workdir_lib.workdir_lock(workdir):
         with pytest.raises(checkpoints.CheckpointError, match="another training process"):
             training.train(workdir, dataset=tiny_data, **TINY)
     assert not os.path.exists(os.path.join(workdir, "checkpoints"))
     # a lock whose process is gone is taken over
-    with open(os.path.join(workdir, training.LOCK_NAME), "w") as f:
+    with open(os.path.join(workdir, workdir_lib.LOCK_NAME), "w") as f:
         import socket
 
         f.write(f"{socket.gethostname()} 999999999")
-    with training.workdir_lock(workdir):
+    with workdir_lib.workdir_lock(workdir):
         pass
-    assert not os.path.exists(os.path.join(workdir, training.LOCK_NAME))
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK_NAME))
 
 
 def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
