@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import threading
 
 
 def _error_kinds():
@@ -21,6 +22,27 @@ def _error_kinds():
     return user, (TrainingDivergedError, OSError)
 
 
+def _quiet_closed_loop_callbacks() -> None:
+    """After a reported error, drop the "Event loop is closed" RuntimeErrors that TensorStore's
+    callbacks raise once Orbax's event loop is gone (a failed restore leaves some in flight);
+    Python would print each as a stray traceback after the one-line message."""
+
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
+
+    def quiet_unraisable(info):
+        if not closed_loop(info.exc_value):
+            unraisable(info)
+
+    def quiet_thread(args):
+        if not closed_loop(args.exc_value):
+            thread_hook(args)
+
+    sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_thread
+
+
 @contextlib.contextmanager
 def clean_errors(program: str):
     user_errors, run_errors = _error_kinds()
@@ -28,9 +50,11 @@ def clean_errors(program: str):
         yield
     except user_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
+        _quiet_closed_loop_callbacks()
         sys.exit(2)
     except run_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
+        _quiet_closed_loop_callbacks()
         sys.exit(1)
     except KeyboardInterrupt:
         # Ctrl-C before training catches signals itself (start-up, loading data, sampling)

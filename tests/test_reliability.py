@@ -295,3 +295,30 @@ def test_ctrl_c_during_start_up_is_one_line(straight_run, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert err.strip() == "sample.py: interrupted"
+
+
+def test_a_failed_restore_prints_one_line_and_no_stray_tracebacks(straight_run, tmp_path):
+    """TensorStore callbacks still in flight after a failed restore used to print "Event loop
+    is closed" tracebacks after the one-line error (seen only in a real process)."""
+    import subprocess
+    import sys
+
+    workdir, _ = straight_run
+    broken = tmp_path / "broken"
+    shutil.copytree(workdir, broken)
+    for step in ("4", "8"):
+        ema = broken / "checkpoints" / step / "ema"
+        for path in ema.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "sample.py", "--workdir", str(broken), "--out", str(tmp_path / "out")],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "could not be read" in proc.stderr, proc.stderr
