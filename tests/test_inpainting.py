@@ -59,6 +59,25 @@ def test_resampling_approaches_the_closed_form_conditional(conditional_moments):
     assert abs(means[1] - COND_MEAN) > 0.05 and conditional_moments[1][1] > 1.15 * COND_VAR
 
 
+def test_plain_replacement_is_the_default():
+    params = correlated_gaussian_params(MU, COV, make_schedule("cosine", 10).alpha_bar)
+    args = (
+        correlated_gaussian_eps,
+        params,
+        respace("cosine", 10, 10),
+        jax.random.PRNGKey(0),
+        np.tile([[X1, 0.0]], (8, 1)).astype(np.float32),
+        np.array([1.0, 0.0]),
+    )
+    default = inpainting.inpaint(*args, num_classes=1, clip=None)
+    np.testing.assert_array_equal(
+        default, inpainting.inpaint(*args, num_classes=1, clip=None, resample=1)
+    )
+    assert not np.array_equal(
+        default, inpainting.inpaint(*args, num_classes=1, clip=None, resample=2)
+    )
+
+
 def test_named_masks():
     m = inpainting.make_mask("top", (4, 6, 1))
     assert m.shape == (4, 6, 1) and m[:2].all() and not m[2:].any()

@@ -95,6 +95,12 @@ def test_slerp_against_numpy():
     np.testing.assert_allclose(np.linalg.norm(path, axis=1), np.linalg.norm(z0), rtol=1e-5)
 
 
+def test_slerp_of_parallel_noises_is_the_straight_line():
+    z = np.array([0.3, -1.2, 0.5])
+    out = np.asarray(interpolation.slerp(z, 2 * z, [0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(out, [z, 1.5 * z, 2 * z], rtol=1e-6)
+
+
 def test_noise_interpolation_ends(setup):
     params, sched = setup
     key = jax.random.PRNGKey(2)

@@ -62,6 +62,8 @@ DEFAULT_MODULES = (
     "losses",
     "samplers",
     "solvers",
+    "interpolation",
+    "inpainting",
     "metrics",
     "embeddings",
     "training",
@@ -108,6 +110,8 @@ MODULE_TESTS = {
         "tests/test_sharding.py::test_one_shard_is_the_single_device_order",
         "tests/test_sharding.py::test_shards_are_disjoint_equal_and_balanced",
     ],
+    "interpolation": ["tests/test_interpolation.py"],
+    "inpainting": ["tests/test_inpainting.py"],
 }
 
 # Modules of which only some functions are numerical code: qualified names (a class or function
