@@ -23,9 +23,13 @@ def _error_kinds():
 
 
 def _quiet_closed_loop_callbacks() -> None:
-    """After a reported error, drop the "Event loop is closed" RuntimeErrors that TensorStore's
-    callbacks raise once Orbax's event loop is gone (a failed restore leaves some in flight);
-    Python would print each as a stray traceback after the one-line message."""
+    """Drop the "Event loop is closed" RuntimeErrors that TensorStore's callbacks raise once
+    Orbax's event loop is gone (a failed restore leaves some in flight); Python would print each
+    as a stray traceback around the one-line message. Installed for the whole command, since
+    they can fire while the error is still on its way to :func:`clean_errors`."""
+
+    if getattr(sys.unraisablehook, "quiets_closed_loop", False):
+        return  # (already installed: scripts called in-process, as the tests do)
 
     def closed_loop(exc) -> bool:
         return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
@@ -40,21 +44,21 @@ def _quiet_closed_loop_callbacks() -> None:
         if not closed_loop(args.exc_value):
             thread_hook(args)
 
+    quiet_unraisable.quiets_closed_loop = True
     sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_thread
 
 
 @contextlib.contextmanager
 def clean_errors(program: str):
     user_errors, run_errors = _error_kinds()
+    _quiet_closed_loop_callbacks()
     try:
         yield
     except user_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
-        _quiet_closed_loop_callbacks()
         sys.exit(2)
     except run_errors as e:
         print(f"{program}: error: {e}", file=sys.stderr)
-        _quiet_closed_loop_callbacks()
         sys.exit(1)
     except KeyboardInterrupt:
         # Ctrl-C before training catches signals itself (start-up, loading data, sampling)
