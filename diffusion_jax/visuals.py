@@ -13,7 +13,16 @@ import os
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoints, generation, images, inpainting, interpolation, models
+from diffusion_jax import (
+    checkpoints,
+    evaluation,
+    generation,
+    images,
+    inpainting,
+    interpolation,
+    models,
+    samplers,
+)
 from diffusion_jax.schedules import respace
 
 
@@ -218,18 +227,10 @@ def load_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
     arr = np.asarray(arr)
     if arr.ndim == 3:
         arr = arr[..., None]
-    if arr.ndim != 4 or tuple(arr.shape[1:]) != tuple(shape) or len(arr) == 0:
-        raise ValueError(f"--images {path!r} holds shape {arr.shape}; the model makes (N, {shape})")
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 127.5 - 1.0, labels
-    if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
-        raise ValueError(f"--images {path!r}: expected uint8 or finite floats, got {arr.dtype}")
-    if arr.min() < 0 or arr.max() > 1:
-        raise ValueError(
-            f"--images {path!r}: float images must lie in [0, 1], got [{arr.min():.3g}, "
-            f"{arr.max():.3g}]"
-        )
-    return arr.astype(np.float32) * 2.0 - 1.0, labels
+    try:  # the same checks and conversion as evaluate.py --npz
+        return evaluation.check_images(arr, shape), labels
+    except ValueError as e:
+        raise ValueError(f"--images {path!r}: {e}") from None
 
 
 def load_mask(spec: str, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -292,6 +293,11 @@ def inpaint_to_files(
         originals, labels = dataset.test_x[index], dataset.test_y[index]
     else:
         originals, labels = load_images(images_path, shape)
+        if labels is not None:
+            try:  # (integers in [0, num_classes]; num_classes means unconditional)
+                samplers.check_labels(np.asarray(labels), config.num_classes, len(originals))
+            except ValueError as e:
+                raise ValueError(f"--images {images_path!r}: {e}") from None
     w = config.guidance if w is None else w
     if labels is None:
         labels, w = None, 0.0  # nothing to guide towards

@@ -39,7 +39,9 @@ def bad_files(tmp_path):
     np.savez(wrong_images, samples=np.zeros((2, 28, 28, 1), np.uint8))
     out_of_range = tmp_path / "range.npz"
     np.savez(out_of_range, samples=np.full((2, 8, 8, 1), 3.0, np.float32))
-    return wrong_mask, wrong_images, out_of_range
+    float_labels = tmp_path / "labels.npz"
+    np.savez(float_labels, samples=np.zeros((2, 8, 8, 1), np.uint8), labels=[1.5, 2.0])
+    return wrong_mask, wrong_images, out_of_range, float_labels
 
 
 @pytest.mark.parametrize(
@@ -51,8 +53,12 @@ def bad_files(tmp_path):
         (["--interpolate", "10"], "--interpolate takes a label in [0, 10)"),
         (["--inpaint", "diagonal"], "--inpaint takes one of"),
         (["--inpaint", "{mask}"], "mask.npy': the mask has shape (5, 5)"),
-        (["--inpaint", "top", "--images", "{big}"], "big.npz' holds shape (2, 28, 28, 1)"),
-        (["--inpaint", "top", "--images", "{range}"], "float images must lie in [0, 1]"),
+        (["--inpaint", "top", "--images", "{big}"], "big.npz': samples have shape (2, 28, 28, 1)"),
+        (
+            ["--inpaint", "top", "--images", "{range}"],
+            "range.npz': float samples must lie in [0, 1]",
+        ),
+        (["--inpaint", "top", "--images", "{labels}"], "labels.npz': labels must be a 1-D integer"),
         (["--inpaint", "top", "--resample", "0"], "resample must be an integer >= 1"),
     ],
 )
@@ -60,8 +66,8 @@ def test_bad_input_names_the_flag_and_writes_nothing(
     straight_run, tmp_path, capsys, extra, message
 ):
     workdir, _ = straight_run
-    mask, big, rng = bad_files(tmp_path)
-    extra = [e.format(mask=mask, big=big, range=rng) for e in extra]
+    mask, big, rng, labels = bad_files(tmp_path)
+    extra = [e.format(mask=mask, big=big, range=rng, labels=labels) for e in extra]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         run(workdir, out, *extra)
