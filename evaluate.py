@@ -73,7 +73,10 @@ def main(argv=None) -> int:
 
     with cli.clean_errors("evaluate.py"):
         # every number is checked before any checkpoint, data or classifier is read
-        ws = [config_lib.check_float("--w", w, 0.0) for w in evaluation.parse_floats(args.w, "--w")]
+        ws = [
+            config_lib.check_float("--w", w, 0.0)
+            for w in cli.parse_list(args.w, float, name="--w", example="0,0.5,1")
+        ]
         if args.steps_w is not None:
             config_lib.check_float("--steps_w", args.steps_w, 0.0)
         config_lib.check_int("--per_class", args.per_class, 1, config_lib.INT_MAX)

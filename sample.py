@@ -31,15 +31,6 @@ from diffusion_jax import cli  # noqa: E402  (after the environment is set)
 from diffusion_jax.solvers import METHODS, RECOMMENDED  # noqa: E402
 
 
-def parse_labels(text: str) -> list[int]:
-    try:
-        return [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--labels takes comma-separated integers, got {text!r}"
-        ) from None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -50,7 +41,11 @@ def main(argv=None) -> int:
         help="a training workdir, or one checkpoint folder (WORKDIR/checkpoints/STEP)",
     )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--labels", type=parse_labels, help="e.g. 3,3,7 (10 = unconditional)")
+    which.add_argument(
+        "--labels",
+        type=cli.list_type(int, name="--labels", example="3,3,7"),
+        help="e.g. 3,3,7 (10 = unconditional)",
+    )
     which.add_argument(
         "--per_class",
         type=int,
@@ -89,7 +84,7 @@ def main(argv=None) -> int:
         "--morph",
         nargs="?",
         const="0,1,2,3,4,5,6,7,8,9",
-        type=parse_labels,
+        type=cli.list_type(int, name="--labels", example="3,3,7"),
         metavar="LABELS",
         help="morph each class into the next under one noise (default 0,1,...,9): a GIF and a grid",
     )

@@ -54,6 +54,8 @@ import traceback
 
 import numpy as np
 
+from diffusion_jax import cli
+
 # Peak dense throughput in TFLOP/s, (device_kind substring, bfloat16, float32); first match wins,
 # matched case-insensitively. float32 is the non-tensor-core rate; None: not listed (TPUs run
 # float32 matmuls as bfloat16 passes at default precision, so their bfloat16 peak is used).
@@ -92,41 +94,21 @@ TARGET_SAMPLES = 10_000
 # ---------------------------------------------------------------- command line
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
+_int_list = cli.list_type(int, name="the value", minimum=1, example="1,64")
 
 
 def _batch_list(text: str) -> list:
     """Comma-separated batch sizes; the word "max" stands for the largest that fits."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    parts = cli.list_type(name="the value")(text)
     numbers = _int_list(",".join(p for p in parts if p != "max")) if set(parts) - {"max"} else []
     return sorted(set(numbers)) + (["max"] if "max" in parts else [])
 
 
-def _names(text: str) -> list[str]:
-    values = [p.strip() for p in text.split(",") if p.strip()]
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one name")
-    return values
+_names = cli.list_type(name="the value")
 
 
 def _str_list(choices):
-    def parse(text: str) -> list[str]:
-        values = [p.strip() for p in text.split(",") if p.strip()]
-        bad = [v for v in values if v not in choices]
-        if bad or not values:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {choices}")
-        return values
-
-    return parse
+    return cli.list_type(name="the value", choices=choices)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -123,8 +123,8 @@ def step_runner(config, dataset):
     train_x, train_y = training.device_data(dataset, mesh, 1)
 
     def run() -> float:
-        box[0], loss, _ = step_fn(box[0], train_x, train_y, 1)
-        return float(jax.block_until_ready(loss))
+        box[0], sums = step_fn(box[0], train_x, train_y, 1)
+        return float(jax.block_until_ready(sums["loss"]))
 
     return run, num_params
 

@@ -1,5 +1,5 @@
-"""What the entry scripts share: library errors become one clear line and an exit code, and the
-sampler flags of sample.py and evaluate.py."""
+"""What the entry scripts share: library errors become one clear line and an exit code, the one
+parser of comma-separated lists, and the sampler flags of sample.py and evaluate.py."""
 
 from __future__ import annotations
 
@@ -7,6 +7,10 @@ import argparse
 import contextlib
 import sys
 import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_KINDS = {int: "integers", float: "numbers", str: "names"}
 
 
 def _error_kinds():
@@ -64,6 +68,52 @@ def clean_errors(program: str):
         # Ctrl-C before training catches signals itself (start-up, loading data, sampling)
         print(f"{program}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def parse_list(
+    text: str,
+    item: Callable[[str], Any] = str,
+    *,
+    name: str = "the list",
+    example: str = "",
+    choices: Sequence | None = None,
+    minimum: float | None = None,
+) -> list:
+    """``"a, b,c"`` -> ``[item("a"), item("b"), item("c")]``: the one parser of every
+    comma-separated flag. Empty parts are ignored; an empty list, a value ``item`` cannot read,
+    one outside ``choices`` or below ``minimum`` raises ValueError naming ``name``. An ``item``
+    other than int/float/str raises its own (already descriptive) ValueError."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"{name} is empty")
+    if item in _KINDS:
+        try:
+            values = [item(p) for p in parts]
+        except ValueError:
+            e_g = f", e.g. {example}" if example else ""
+            raise ValueError(
+                f"{name} takes comma-separated {_KINDS[item]}{e_g}; got {text!r}"
+            ) from None
+    else:
+        values = [item(p) for p in parts]
+    if choices is not None and any(v not in choices for v in values):
+        bad = [v for v in values if v not in choices]
+        raise ValueError(f"{name}: unknown {bad} (choose from {', '.join(map(str, choices))})")
+    if minimum is not None and any(v < minimum for v in values):
+        raise ValueError(f"{name} takes values >= {minimum}, got {text!r}")
+    return values
+
+
+def list_type(item: Callable[[str], Any] = str, **kw) -> Callable[[str], list]:
+    """:func:`parse_list` as an argparse ``type`` (its errors become argparse's usage errors)."""
+
+    def parse(text: str) -> list:
+        try:
+            return parse_list(text, item, **kw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
 
 
 def add_distributed_flags(parser: argparse.ArgumentParser) -> None:

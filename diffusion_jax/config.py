@@ -359,12 +359,10 @@ def differences(a: Config, b: Config, ignore=OPERATIONAL_FIELDS) -> dict[str, tu
 
 
 def _parse_ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+    """A tuple field's flag; an empty text is the empty tuple (e.g. no attention)."""
+    from diffusion_jax.cli import list_type
+
+    return tuple(list_type(int, name="the value", example="1,2,2")(text)) if text.strip() else ()
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,7 @@ import numpy as np
 from diffusion_jax import classifier as classifier_lib
 from diffusion_jax import data, generation, metrics, solvers
 from diffusion_jax import images as images_lib
+from diffusion_jax.cli import parse_list
 
 
 class SamplerSpec(NamedTuple):
@@ -31,23 +32,11 @@ class SamplerSpec(NamedTuple):
         return f"{self.method}:{self.steps}"
 
 
-def parse_floats(text: str, name: str) -> list[float]:
-    try:
-        values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(
-            f"{name} takes comma-separated numbers, e.g. 0,0.5,1; got {text!r}"
-        ) from None
-    if not values:
-        raise ValueError(f"{name} is empty")
-    return values
-
-
 def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
     """'dpmpp2m:10,ddim:50,ddpm' -> specs; a name alone means that sampler's default step count
     (``solvers.default_steps``: all T steps for ddpm)."""
-    specs = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+
+    def spec(part: str) -> SamplerSpec:
         method, _, steps = part.partition(":")
         if method not in solvers.METHODS:
             raise ValueError(
@@ -59,10 +48,9 @@ def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
             raise ValueError(f"--samplers: {part!r} is not SAMPLER:STEPS") from None
         if not 1 <= k <= num_timesteps:
             raise ValueError(f"--samplers: steps must be in [1, {num_timesteps}], got {part!r}")
-        specs.append(SamplerSpec(method, k))
-    if not specs:
-        raise ValueError("--samplers is empty")
-    return specs
+        return SamplerSpec(method, k)
+
+    return parse_list(text, spec, name="--samplers")
 
 
 def check_images(images, expected_shape) -> np.ndarray:

@@ -94,10 +94,12 @@ def init_state(config, model, optimizer, example_shape) -> TrainState:
 
 
 def make_train_steps(config, mesh=None, num_shards: int = 1):
-    """A jitted ``fn(state, train_x, train_y, num_steps) -> (state, loss_sum, grad_norm)``.
+    """A jitted ``fn(state, train_x, train_y, num_steps) -> (state, metric_sums)``.
 
     Runs ``num_steps`` (a traced int: any count reuses the same program) optimizer steps on
-    device-resident data inside one ``lax.fori_loop``; ``loss_sum`` is the sum of their losses.
+    device-resident data inside one ``lax.fori_loop``. ``metric_sums`` maps each of
+    :func:`step_metrics`' names to the sum of its values over those steps (``"loss"``: the sum
+    of their losses), so a logged value is a mean over the steps since the last record.
     ``train_x`` (D, M, ...) and ``train_y`` (D, M) hold, on each of the mesh's D devices, the M
     examples of that device's data shard (:func:`device_data`); each step takes an equal part of
     the batch from every shard, and each device gathers its slice of the batch from its own rows.
@@ -122,6 +124,12 @@ def device_data(dataset: data.Dataset, mesh, num_shards: int):
         sharding.put_sharded_rows(dataset.train_x, mesh, num_shards, rows),
         sharding.put_sharded_rows(dataset.train_y.astype(np.int32), mesh, num_shards, rows),
     )
+
+
+def step_metrics(loss, grads) -> dict[str, jnp.ndarray]:
+    """What one optimizer step reports: float32 scalars by name. A new metric is one entry here
+    (metrics.jsonl, the progress bar and TensorBoard pick it up)."""
+    return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,7 +190,7 @@ def _make_train_steps(config, mesh, num_shards):
             lambda new, old: jnp.where(opt_state.last_finite, new, old), ema, state.ema_params
         )
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        return new, loss, optax.tree.norm(grads)
+        return new, step_metrics(loss, grads)
 
     if config.steps_per_dispatch == 1:
         # XLA:CPU runs convolution gradients inside a while loop ~25x slower than the same
@@ -198,12 +206,14 @@ def _make_train_steps(config, mesh, num_shards):
         @jax.jit
         def train_steps(state, train_x, train_y, num_steps):
             def body(_, carry):
-                state, loss_sum, _ = carry
-                state, loss, grad_norm = one_step(state, train_x, train_y)
-                return state, loss_sum + loss, grad_norm
+                state, sums = carry
+                state, values = one_step(state, train_x, train_y)
+                return state, jax.tree_util.tree_map(jnp.add, sums, values)
 
-            init = (state, jnp.float32(0), jnp.float32(0))
-            return jax.lax.fori_loop(0, num_steps, body, init)
+            # (the metrics' structure, from a trace that runs nothing)
+            shapes = jax.eval_shape(one_step, state, train_x, train_y)[1]
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+            return jax.lax.fori_loop(0, num_steps, body, (state, zeros))
 
     return train_steps
 
@@ -421,16 +431,16 @@ def _train(
             while step < end:
                 # Chunks end on every logging/checkpoint/sample boundary, so those are exact.
                 n = min(config.steps_per_dispatch, end - step, *[e - step % e for e in events if e])
-                state, loss_sum, grad_norm = train_steps(state, train_x, train_y, n)
+                state, sums = train_steps(state, train_x, train_y, n)
                 if cpu_collectives:
                     # XLA:CPU deadlocks in the all-reduce when many dispatches of a multi-device
                     # program are queued (jax 0.10.2, 2 virtual devices, ~50 dispatches in), so
                     # each dispatch finishes before the next is queued.
-                    jax.block_until_ready(loss_sum)
+                    jax.block_until_ready(sums)
                 step += n
-                metrics.add(n, loss_sum)
+                metrics.add(n, sums)
                 if step % config.log_every == 0 or step == end:
-                    skipped = metrics.write(step, grad_norm, state.opt_state.notfinite_count)
+                    skipped = metrics.write(step, state.opt_state.notfinite_count)
                     if skipped >= config.max_nonfinite_steps:
                         raise TrainingDivergedError(
                             f"the loss was non-finite for {skipped} consecutive steps up to step "
@@ -519,19 +529,19 @@ class _MetricsLog:
         self.writer = _tensorboard(workdir) if write else None
         self.pending, self.last_step, self.last_time = [], start, time.perf_counter()
 
-    def add(self, num_steps: int, loss_sum) -> None:
-        self.pending.append(loss_sum)
+    def add(self, num_steps: int, sums: dict) -> None:
+        self.pending.append(sums)
         if self.bar is not None:
             self.bar.update(num_steps)
 
-    def write(self, step: int, grad_norm, notfinite_count) -> int:
+    def write(self, step: int, notfinite_count) -> int:
         """Append one record; returns the count of consecutive skipped (non-finite) updates."""
         now = time.perf_counter()
-        rate = (step - self.last_step) / (now - self.last_time)
+        n = step - self.last_step
+        rate = n / (now - self.last_time)
         record = {
             "step": step,
-            "loss": float(sum(self.pending)) / (step - self.last_step),
-            "grad_norm": float(grad_norm),
+            **{k: float(sum(p[k] for p in self.pending)) / n for k in self.pending[0]},
             "lr": float(learning_rate(self.config)(step)),
             "steps_per_sec": rate,
             "images_per_sec": rate * self.config.batch_size,

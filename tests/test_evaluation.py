@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import evaluate as evaluate_script
-from diffusion_jax import checkpoints, classifier, data, evaluation, metrics
+from diffusion_jax import checkpoints, classifier, cli, data, evaluation, metrics
 
 
 def separable(n, seed):
@@ -191,7 +191,7 @@ def test_npz_input(straight_run, tiny_classifier_dir, tmp_path, tiny_data, capsy
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda: evaluation.parse_floats("0,a", "--w"), "--w takes comma-separated numbers"),
+        (lambda: cli.parse_list("0,a", float, name="--w"), "--w takes comma-separated numbers"),
         (lambda: evaluation.parse_samplers("euler:5", 20), "unknown sampler 'euler'"),
         (lambda: evaluation.parse_samplers("ddim:50", 20), r"steps must be in \[1, 20\]"),
         (lambda: evaluation.parse_samplers("ddim:x", 20), "SAMPLER:STEPS"),

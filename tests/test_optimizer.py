@@ -105,7 +105,8 @@ def ema_run(tiny_data):
     state = sharding.replicate(state, mesh)
     states, step_losses = [state], []
     for _ in range(4):
-        state, loss, _ = steps(state, train_x, train_y, 1)
+        state, sums = steps(state, train_x, train_y, 1)
+        loss = sums["loss"]
         states.append(state)
         step_losses.append(float(loss))
     return config, steps, states, step_losses
@@ -126,7 +127,8 @@ def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_
     mesh = sharding.data_mesh()
     bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
     train_x, train_y = training.device_data(bad, mesh, 1)
-    state, loss, _ = steps(states[4], train_x, train_y, 1)
+    state, sums = steps(states[4], train_x, train_y, 1)
+    loss = sums["loss"]
     assert not np.isfinite(float(loss)) and int(state.step) == 5
     for field in ("params", "ema_params"):
         np.testing.assert_array_equal(flat(getattr(state, field)), flat(getattr(states[4], field)))
@@ -142,7 +144,8 @@ def test_one_dispatch_of_several_steps_is_those_steps_one_by_one(ema_run, tiny_d
     config, steps, states, step_losses = ema_run
     assert config.steps_per_dispatch > 1  # the fori_loop program
     train_x, train_y = training.device_data(tiny_data, sharding.data_mesh(), 1)
-    state, loss_sum, _ = steps(states[1], train_x, train_y, 3)
+    state, sums = steps(states[1], train_x, train_y, 3)
+    loss_sum = sums["loss"]
     assert int(state.step) == 4
     for field in ("params", "ema_params"):
         np.testing.assert_allclose(
