@@ -1,69 +1,12 @@
 """Train (or resume) a guided diffusion model.
 
-    python train.py --workdir runs/mnist                     # the GPU default preset
-    python train.py --workdir runs/cpu --preset cpu          # a short CPU run on offline data
-    python train.py --workdir runs/cpu                       # resume it (config read from the run)
-    python train.py --workdir runs/x --preset mnist --lr 1e-4 --num_steps 50000
-
-Every config field is a flag (``--help`` lists them). Ctrl-C or SIGTERM writes a checkpoint first.
-On several hosts, start the same command on each with ``--distributed`` (see README.md).
+The program is ``diffusion_jax/commands/train.py`` (installed as ``diffusion-train`` too);
+``python train.py --help`` lists its flags.
 """
 
-import argparse
-import os
-import signal
-import sys
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 if __name__ == "__main__":
-    # Ctrl-C before the training loop handles it (imports, compiling, sampling): one line and
-    # exit 130, leaving at once; a traceback or interpreter teardown amid XLA threads (which
-    # crashed with a segmentation fault) helps nobody. Outputs are written under temporary names,
-    # so nothing half-written is left where a finished file is expected.
-    signal.signal(
-        signal.SIGINT, lambda *_: (sys.stderr.write("train.py: interrupted\n"), os._exit(130))
-    )
+    # (only this light import before the Ctrl-C handler is installed: the package imports jax
+    # lazily)
+    from diffusion_jax.commands.train import run
 
-
-def main(argv=None) -> int:
-    from diffusion_jax import cli, sharding, training, workdir
-    from diffusion_jax import config as config_lib
-
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--workdir", required=True, help="folder of the run (created if missing)")
-    parser.add_argument(
-        "--allow_config_change",
-        action="store_true",
-        help="resume even though the requested config changes the training maths",
-    )
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    config_lib.add_config_flags(parser)
-    cli.add_distributed_flags(parser)
-    args = parser.parse_args(argv)
-    with cli.clean_errors("train.py"):
-        overrides = config_lib.config_overrides(args)
-        config_lib.check_overrides(overrides)  # before the workdir is made
-        workdir.check_creatable(args.workdir)
-        cli.start_distributed(args)
-        result = training.train(
-            args.workdir,
-            preset=args.preset,
-            overrides=overrides,
-            allow_config_change=args.allow_config_change,
-            progress=not args.no_progress,
-        )
-        step = int(result.state.step)
-        if not sharding.is_main_process():
-            return 130 if result.interrupted else 0
-        if result.interrupted:
-            print(f"interrupted at step {step}; run the same command again to resume")
-            return 130
-        print(f"done: {step} steps, checkpoints in {os.path.join(args.workdir, 'checkpoints')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    run("train.py")

@@ -8,22 +8,48 @@ The folder listing is the architecture:
   with guidance), ``interpolation`` (class morphs, noise interpolation), ``inpainting``
   (RePaint);
 * networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (config -> module -> denoiser);
-* running: ``config`` (presets, flags), ``data`` (data sets), ``training`` (Optax loop, EMA),
-  ``workdir`` (a run's folder and its lock),
+* running: ``config`` (presets, flags), ``data`` (data sets), ``training`` (state, optimiser,
+  EMA, step compiler, loop), ``runs`` (a run resolved from its workdir), ``hooks`` (signals,
+  metrics log, progress, TensorBoard), ``workdir`` (a run's folder and its lock),
   ``checkpoints`` (Orbax), ``generation`` (sampling a checkpoint), ``visuals`` (morphs,
   inpainting and interpolations of a checkpoint, as files), ``images`` (grids, GIFs),
-  ``cli`` (error reporting of the scripts);
+  ``cli`` (what the commands share), ``commands`` (train, sample, evaluate);
 * measuring: ``classifier`` (the evaluation CNN), ``metrics`` (Frechet distance, Inception
   Score), ``evaluation`` (floors, sweeps, tables, plots).
 """
 
-from diffusion_jax.diffusion import PREDICTIONS, q_posterior, q_sample, to_x0_eps
-from diffusion_jax.losses import diffusion_loss, drop_labels
-from diffusion_jax.mlp import MLPDenoiser
-from diffusion_jax.models import denoiser
-from diffusion_jax.samplers import METHODS, VARIANCES, SampleResult, SamplerSettings, sample
-from diffusion_jax.schedules import SCHEDULES, SPACINGS, Schedule, make_schedule, respace
-from diffusion_jax.unet import UNet
+import importlib
+
+# name -> module: imported on first use (PEP 562), so that importing a submodule such as
+# ``diffusion_jax.commands.train`` or ``diffusion_jax.cli`` does not import jax.
+_EXPORTS = {
+    "PREDICTIONS": "diffusion",
+    "q_posterior": "diffusion",
+    "q_sample": "diffusion",
+    "to_x0_eps": "diffusion",
+    "diffusion_loss": "losses",
+    "drop_labels": "losses",
+    "MLPDenoiser": "mlp",
+    "denoiser": "models",
+    "METHODS": "samplers",
+    "VARIANCES": "samplers",
+    "SampleResult": "samplers",
+    "SamplerSettings": "samplers",
+    "sample": "samplers",
+    "SCHEDULES": "schedules",
+    "SPACINGS": "schedules",
+    "Schedule": "schedules",
+    "make_schedule": "schedules",
+    "respace": "schedules",
+    "UNet": "unet",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"diffusion_jax.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'diffusion_jax' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

@@ -1,16 +1,63 @@
-"""What the entry scripts share: library errors become one clear line and an exit code, the one
-parser of comma-separated lists, and the sampler flags of sample.py and evaluate.py."""
+"""What the commands share: their start-up (:func:`start`: environment, Ctrl-C, logging), library
+errors as one clear line and an exit code, the one parser of comma-separated lists, and the
+sampler flags of sample.py and evaluate.py. Nothing here imports jax at import time."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 _KINDS = {int: "integers", float: "numbers", str: "names"}
+
+
+def start(program: str) -> None:
+    """What a command does first, before jax is imported: quiet TensorFlow's C++ logging (tfds),
+    and make Ctrl-C before the training loop handles it (imports, compiling, sampling) one line
+    and exit 130, leaving at once: a traceback or interpreter teardown amid XLA threads (which
+    crashed with a segmentation fault) helps nobody. Outputs are written under temporary names,
+    so nothing half-written is left where a finished file is expected."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def interrupted(*_):
+        sys.stderr.write(f"{program}: interrupted\n")
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+    setup_logging()
+
+
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is when a message is emitted (pytest's capture, a
+    redirected stream), not the one present when the handler was made."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The library's messages (``diffusion_jax.*`` loggers) as plain lines on stdout, as a
+    command prints them. Idempotent; library users who configure logging themselves skip it."""
+    root = logging.getLogger("diffusion_jax")
+    root.setLevel(level)
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
 
 
 def _error_kinds():

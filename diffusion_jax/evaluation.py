@@ -12,6 +12,7 @@ markdown table, JSON and plots.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import NamedTuple
 
@@ -22,6 +23,8 @@ from diffusion_jax import classifier as classifier_lib
 from diffusion_jax import data, generation, metrics, solvers
 from diffusion_jax import images as images_lib
 from diffusion_jax.cli import parse_list
+
+logger = logging.getLogger(__name__)
 
 
 class SamplerSpec(NamedTuple):
@@ -148,7 +151,6 @@ def sweep(
     batch_size: int = 1000,
     overwrite: bool = False,
     progress: bool = True,
-    log=print,
     **sampler_options,
 ) -> list[dict]:
     """Guidance sweep (``ws`` with ``guidance_spec``) and step sweep (``sampler_specs`` at
@@ -175,7 +177,7 @@ def sweep(
         raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
     generation.check_writable(out)
     dataset = data.load_dataset(config)
-    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log, epochs=classifier_epochs)
+    clf = classifier_lib.get_classifier(dataset, classifier_dir, epochs=classifier_epochs)
     reference = Reference(clf, dataset)
     labels = np.repeat(np.arange(config.num_classes), per_class)
     runs = [(guidance_spec, w) for w in ws] + [(s, steps_w) for s in sampler_specs]
@@ -236,7 +238,7 @@ def sweep(
         f.write(markdown_table(rows, header))
     plot_sweep(rows, guidance_spec, steps_w, outputs)
     for path in outputs.values():
-        log(f"wrote {path}")
+        logger.info(f"wrote {path}")
     return rows
 
 
@@ -333,14 +335,13 @@ def evaluate_npz(
     *,
     classifier_dir: str | None = None,
     classifier_epochs: int | None = None,
-    log=print,
 ) -> dict:
     """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
     samples, labels = read_npz(path)
     dataset = data.load_dataset(config)
     images = check_images(samples, dataset.train_x.shape[1:])
     labels = check_labels(labels, len(images), dataset.num_classes, config.null_label, path)
-    clf = classifier_lib.get_classifier(dataset, classifier_dir, log=log, epochs=classifier_epochs)
+    clf = classifier_lib.get_classifier(dataset, classifier_dir, epochs=classifier_epochs)
     return evaluate_images(Reference(clf, dataset), images, labels)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 
@@ -11,6 +12,8 @@ import numpy as np
 
 from diffusion_jax import checkpoints, models, samplers, sharding, solvers
 from diffusion_jax.schedules import SPACINGS, max_steps, respace
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_sampler(
@@ -172,7 +175,6 @@ def sample_to_files(
     frames: int = 20,
     out: str | None = None,
     overwrite: bool = False,
-    log=print,
     **settings,
 ) -> dict[str, str]:
     """Sample a checkpoint and write the pictures and an ``.npz``; returns {kind: path}.
@@ -231,7 +233,7 @@ def sample_to_files(
         timing=timing,
         **kw,
     )
-    log(
+    logger.info(
         f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
         f"{len(labels)} samples, {method} {steps} steps, w={w:g}: "
         f"compile {timing['compile_s']:.1f} s, sampling {timing['sample_s']:.2f} s"
@@ -251,7 +253,7 @@ def sample_to_files(
             paths, config, model, params, data_shape, labels, key, kw, result, step, seed
         )
     for path in paths.values():
-        log(f"wrote {path}")
+        logger.info(f"wrote {path}")
     return paths
 
 

@@ -8,12 +8,10 @@ resumed therefore computes exactly what an uninterrupted run computes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
+import logging
 import os
-import signal
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -22,14 +20,14 @@ import numpy as np
 import optax
 from flax import struct
 
-from diffusion_jax import checkpoints, data, losses, models, sharding
+from diffusion_jax import checkpoints, data, hooks, losses, models, runs, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.schedules import make_schedule
 
-
-class ConfigConflictError(ValueError):
-    """A workdir's saved config differs from the requested one."""
+logger = logging.getLogger(__name__)
+# (raised by train; defined with the run resolution)
+ConfigConflictError = runs.ConfigConflictError
 
 
 class TrainingDivergedError(RuntimeError):
@@ -218,84 +216,6 @@ def _make_train_steps(config, mesh, num_shards):
     return train_steps
 
 
-def resolve_config(saved, preset, overrides, allow_config_change=False) -> config_lib.Config:
-    """The config of a run: a fresh one from ``preset`` + ``overrides``, or, when resuming, the
-    ``saved`` one with ``overrides`` applied. A change of a field that alters the training
-    mathematics raises ConfigConflictError unless ``allow_config_change``."""
-    if saved is None:
-        return config_lib.get_config(preset or "mnist", **overrides)
-    if preset is not None:
-        requested = config_lib.get_config(preset, **overrides)
-    else:
-        requested = dataclasses.replace(saved, **overrides).validate()
-    diffs = config_lib.differences(saved, requested)
-    if diffs and not allow_config_change:
-        lines = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, (a, b) in diffs.items())
-        raise ConfigConflictError(
-            f"the workdir's saved config differs from the requested one:\n{lines}\n"
-            "Resume without these flags, use a new --workdir, or pass --allow_config_change "
-            "to continue with the new values."
-        )
-    return requested
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between dispatches.
-
-    With several processes the loop acts on a signal only through :meth:`agree`, which every
-    process calls after every dispatch: a checkpoint is a collective operation, so all of them
-    must stop at the same step, whichever of them received the signal.
-    """
-
-    def __init__(self):
-        self.signal = None  # what the loop acts on
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        if jax.process_count() == 1:
-            self.signal = signum
-
-    def agree(self) -> None:
-        """Set ``signal`` if any process has received one (a collective: call on all)."""
-        if jax.process_count() > 1:
-            signals = sharding.all_processes(self.received or 0)
-            if np.any(signals):
-                self.signal = int(np.max(signals))
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        enabled = False
-    if not enabled:
-        return None
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
-
-
-def _tensorboard(workdir: str):
-    """A TensorBoard writer if one is installed (tensorboardX), else None."""
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-
 def train(
     workdir: str,
     *,
@@ -305,7 +225,7 @@ def train(
     dataset: data.Dataset | None = None,
     stop_after: int | None = None,
     progress: bool = True,
-    log=print,
+    tensorboard: bool = True,
     data_shards: int | None = None,
 ) -> TrainResult:
     """Train (or resume) the run in ``workdir``.
@@ -313,19 +233,20 @@ def train(
     Args:
       workdir: folder for checkpoints, ``metrics.jsonl`` and sample grids. If it holds a
         checkpoint, training resumes from the latest one.
-      preset, overrides: the config (see :func:`resolve_config`).
+      preset, overrides: the config (see :func:`runs.resolve_config`).
       allow_config_change: resume even if the config's mathematics changed.
       dataset: use this data instead of loading ``config.dataset`` (tests, custom data).
       stop_after: behave as if interrupted once this many steps are done (tests).
       progress: show a progress bar.
-      log: where to print messages.
+      tensorboard: also write the metrics for TensorBoard (``workdir/tensorboard``).
       data_shards: split the training set into this many shards, each held by an equal block
         of devices (default: one per process, so each process holds only its own shard). The
         data order depends on it; with one shard it does not depend on the device count.
 
-    With several processes (:func:`sharding.initialize_distributed`) every process calls this
-    with the same arguments; only process 0 takes the workdir lock and writes logs, metrics,
-    sample grids and ``config.json``, while all of them take part in the Orbax checkpoints.
+    Messages go to the ``diffusion_jax.training`` logger. With several processes
+    (:func:`sharding.initialize_distributed`) every process calls this with the same
+    arguments; only process 0 takes the workdir lock and writes logs, metrics, sample grids and
+    ``config.json``, while all of them take part in the Orbax checkpoints.
 
     Returns:
       A :class:`TrainResult`; ``interrupted`` is True if a signal (or ``stop_after``) ended the
@@ -337,100 +258,136 @@ def train(
         # A new run: a config that cannot be trained (e.g. sample_steps > num_timesteps) is
         # refused before the lock creates the folder, so no empty workdir is left behind.
         config_lib.get_config(preset or "mnist", **(overrides or {}))
-    main = sharding.is_main_process()
-    if not main:
-        log, progress = (lambda *a, **k: None), False
     num_shards = jax.process_count() if data_shards is None else data_shards
     with workdir_lib.run_lock(workdir):
-        return _train(
+        run = runs.resolve_run(
             workdir,
-            preset,
-            overrides,
-            allow_config_change,
-            dataset,
-            stop_after,
-            progress,
-            log,
-            num_shards,
+            preset=preset,
+            overrides=overrides or {},
+            allow_config_change=allow_config_change,
+            dataset=dataset,
+            stop_after=stop_after,
+            num_shards=num_shards,
         )
+        return _train(run, progress=progress and run.is_main, tensorboard=tensorboard)
 
 
-def _train(
-    workdir, preset, overrides, allow_config_change, dataset, stop_after, progress, log, num_shards
-):
-    ckpt_dir = os.path.join(workdir, checkpoints.SUBDIR)
-    saved, saved_step, mngr = None, None, None
-    # (process 0's view, so that every process restores the same step or none)
-    if sharding.same_on_all_processes(os.path.isdir(ckpt_dir)):
-        mngr = checkpoints.manager(ckpt_dir)
-        saved_step = sharding.same_on_all_processes(
-            -1 if mngr.latest_step() is None else mngr.latest_step()
-        )
-        saved_step = None if saved_step < 0 else saved_step
-        if saved_step is not None:
-            saved, _ = checkpoints.read_meta(mngr, ckpt_dir, saved_step)
-    config = resolve_config(saved, preset, overrides or {}, allow_config_change)
-    if mngr is not None:
-        mngr.close()
-    if dataset is None:
-        dataset = data.load_dataset(config)
-    mesh = sharding.data_mesh()
-    sharding.check_batch_size(config.batch_size, mesh)
-    sharding.check_num_shards(num_shards, mesh)
-    if config.batch_size > dataset.train_x.shape[0] // num_shards * num_shards:
-        raise ValueError(
-            f"batch_size {config.batch_size} exceeds the {dataset.train_x.shape[0]} training "
-            f"examples of {dataset.name}"
-            + (f" (in {num_shards} equal shards)" if num_shards > 1 else "")
-        )
+def _say(run: runs.Run, message: str) -> None:
+    if run.is_main:
+        logger.info(message)
 
-    model = models.build_model(config)
-    optimizer = make_optimizer(config)
-    state = init_state(config, model, optimizer, (1, *dataset.train_x.shape[1:]))
+
+def _initial_state(run: runs.Run, model, mngr) -> TrainState:
+    """A fresh state, or the one of the run's saved step, replicated over the mesh."""
+    config = run.config
+    state = init_state(config, model, make_optimizer(config), (1, *run.dataset.train_x.shape[1:]))
     # Replicated on every device of the mesh, before a restore so that Orbax restores into this
     # placement (global arrays when there are several processes). Fresh and restored states get
     # the same placement, so resuming in the same process does not compile the step again.
-    state = sharding.replicate(state, mesh)
-    mngr = checkpoints.manager(ckpt_dir, keep_every=config.keep_every)
-    if saved_step is not None:
-        restored, ema = checkpoints.restore_train(
+    state = sharding.replicate(state, run.mesh)
+    if run.saved_step is None:
+        return state
+    restored, ema = checkpoints.restore_train(
+        mngr, run.checkpoint_dir, run.saved_step, _saved_part(state), state.ema_params
+    )
+    _say(run, f"resumed {run.workdir} at step {run.saved_step}")
+    return TrainState(ema_params=ema, **restored)
+
+
+def _saved_part(state: TrainState) -> dict:
+    """What a checkpoint holds besides the EMA parameters (saved on their own)."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+
+
+def _diverged(run, step, streak, last_good, during_run) -> TrainingDivergedError:
+    where = (
+        f"the loss was non-finite for {streak} consecutive steps up to step {step}; those "
+        "updates were skipped and nothing was saved after the last good checkpoint"
+        if during_run
+        else f"the run reached step {step} inside a streak of {streak} non-finite (skipped) "
+        "updates; nothing was saved after the last good checkpoint"
+    )
+    return TrainingDivergedError(
+        f"{where} ({last_good}). Lower --lr, check the data for NaNs, or try --grad_clip with a "
+        "smaller value" + ("." if during_run else ", then resume.")
+    )
+
+
+def _grid_path(workdir: str, step: int) -> str:
+    return os.path.join(workdir, "samples", f"step_{step:07d}.png")
+
+
+def _checkpoint(run: runs.Run, mngr, step: int, state: TrainState) -> int:
+    """Save ``state`` as step ``step`` unless the last updates were skipped as non-finite: inside
+    such a streak nothing is saved, so the last good checkpoint is never rotated away by copies
+    of a diverging run. Returns the streak's length (0: saved)."""
+    streak = int(state.opt_state.notfinite_count)
+    if streak == 0:
+        checkpoints.save(
             mngr,
-            ckpt_dir,
-            saved_step,
-            {"step": state.step, "params": state.params, "opt_state": state.opt_state},
+            step,
+            _saved_part(state),
             state.ema_params,
+            run.config,
+            run.dataset.train_x.shape[1:],
         )
-        state = TrainState(ema_params=ema, **restored)
-        log(f"resumed {workdir} at step {int(state.step)}")
+    else:
+        _say(
+            run,
+            f"step {step}: not saved: the last {streak} updates were non-finite and skipped "
+            f"(last good checkpoint: {mngr.latest_step()})",
+        )
+    return streak
+
+
+def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
+    config, workdir = run.config, run.workdir
+    model = models.build_model(config)
+    mngr = checkpoints.manager(run.checkpoint_dir, keep_every=config.keep_every)
+    try:
+        state = _initial_state(run, model, mngr)
+    except BaseException:
+        mngr.close()
+        raise
     start = int(state.step)
     if start >= config.num_steps:
-        log(f"{workdir} is already trained to step {start} (num_steps={config.num_steps})")
+        _say(run, f"{workdir} is already trained to step {start} (num_steps={config.num_steps})")
         mngr.close()
         return TrainResult(state, config, False)
 
-    train_steps = make_train_steps(config, mesh, num_shards)
-    train_x, train_y = device_data(dataset, mesh, num_shards)
-    main = sharding.is_main_process()
-    if main:
+    train_steps = make_train_steps(config, run.mesh, run.num_shards)
+    train_x, train_y = device_data(run.dataset, run.mesh, run.num_shards)
+    if run.is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_lib.to_dict(config), f, indent=1)
 
     events = [config.log_every, config.checkpoint_every, config.sample_every]
-    end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
-    grid_fn = _sample_grid_fn(config, model, dataset, mesh) if config.sample_every else None
-    metrics = _MetricsLog(workdir, config, start, progress, write=main)
+    grids = (
+        hooks.sample_grid_writer(config, model, run.dataset.train_x.shape[1:], run.mesh)
+        if config.sample_every
+        else None
+    )
+    window = hooks.MetricsWindow(start, learning_rate(config), config.batch_size)
+    sinks = []
     step, interrupted, streak = start, False, 0
     cpu_collectives = jax.local_device_count() > 1 and jax.local_devices()[0].platform == "cpu"
     try:
-        with _StopFlag() as stop:
-            # (logged once signals are caught, so a Ctrl-C from here on writes a checkpoint)
-            log(
-                f"training {config.model} on {dataset.name} ({len(dataset.train_x)} examples) "
-                f"on {jax.devices()[0].platform}, {start} -> {config.num_steps} steps"
+        if run.is_main:
+            sinks = hooks.sinks(
+                workdir, start, config.num_steps, progress=progress, tensorboard=tensorboard
             )
-            while step < end:
+        with hooks.StopFlag() as stop:
+            # (logged once signals are caught, so a Ctrl-C from here on writes a checkpoint)
+            _say(
+                run,
+                f"training {config.model} on {run.dataset.name} ({len(run.dataset.train_x)} "
+                f"examples) on {jax.devices()[0].platform}, {start} -> {config.num_steps} steps",
+            )
+            while step < run.end:
                 # Chunks end on every logging/checkpoint/sample boundary, so those are exact.
-                n = min(config.steps_per_dispatch, end - step, *[e - step % e for e in events if e])
+                n = min(
+                    config.steps_per_dispatch, run.end - step, *[e - step % e for e in events if e]
+                )
                 state, sums = train_steps(state, train_x, train_y, n)
                 if cpu_collectives:
                     # XLA:CPU deadlocks in the all-reduce when many dispatches of a multi-device
@@ -438,157 +395,37 @@ def _train(
                     # each dispatch finishes before the next is queued.
                     jax.block_until_ready(sums)
                 step += n
-                metrics.add(n, sums)
-                if step % config.log_every == 0 or step == end:
-                    skipped = metrics.write(step, state.opt_state.notfinite_count)
-                    if skipped >= config.max_nonfinite_steps:
-                        raise TrainingDivergedError(
-                            f"the loss was non-finite for {skipped} consecutive steps up to step "
-                            f"{step}; those updates were skipped and nothing was saved after the "
-                            f"last good checkpoint ({mngr.latest_step()}). Lower --lr, check the "
-                            "data for NaNs, or try --grad_clip with a smaller value."
+                window.add(sums)
+                for sink in sinks:
+                    sink.advance(n)
+                if step % config.log_every == 0 or step == run.end:
+                    record = window.record(step, state.opt_state.notfinite_count)
+                    for sink in sinks:
+                        sink.write(record)
+                    if record["nonfinite_skipped"] >= config.max_nonfinite_steps:
+                        raise _diverged(
+                            run, step, record["nonfinite_skipped"], mngr.latest_step(), True
                         )
-                if grid_fn is not None and step % config.sample_every == 0:
-                    grid_fn(
-                        state.ema_params, os.path.join(workdir, "samples", f"step_{step:07d}.png")
-                    )
+                if grids is not None and step % config.sample_every == 0:
+                    grids(state.ema_params, _grid_path(workdir, step))
                 stop.agree()
-                stopping = stop.signal is not None or (stop_after is not None and step >= end)
+                stopping = stop.signal is not None or (run.stops_early and step >= run.end)
                 streak = 0
                 if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
-                    # Inside a streak of skipped (non-finite) updates nothing is saved, so the
-                    # last good checkpoint is never rotated away by copies of a diverging run.
-                    streak = int(state.opt_state.notfinite_count)
-                    if streak == 0:
-                        checkpoints.save(
-                            mngr,
-                            step,
-                            {
-                                "step": state.step,
-                                "params": state.params,
-                                "opt_state": state.opt_state,
-                            },
-                            state.ema_params,
-                            config,
-                            dataset.train_x.shape[1:],
-                        )
-                    else:
-                        log(
-                            f"step {step}: not saved: the last {streak} updates were non-finite "
-                            f"and skipped (last good checkpoint: {mngr.latest_step()})"
-                        )
+                    streak = _checkpoint(run, mngr, step, state)
                 if stop.signal is not None:
                     interrupted = True
-                    log(
-                        f"\nstopped by signal {stop.signal} at step {step}; "
-                        + ("checkpoint written" if streak == 0 else "nothing saved")
+                    _say(
+                        run,
+                        f"stopped by signal {stop.signal} at step {step}; "
+                        + ("checkpoint written" if streak == 0 else "nothing saved"),
                     )
                     break
             if step == config.num_steps and streak:
-                raise TrainingDivergedError(
-                    f"the run reached step {step} inside a streak of {streak} non-finite "
-                    f"(skipped) updates; nothing was saved after the last good checkpoint "
-                    f"({mngr.latest_step()}). Lower --lr, check the data for NaNs, or try "
-                    "--grad_clip with a smaller value, then resume."
-                )
+                raise _diverged(run, step, streak, mngr.latest_step(), False)
     finally:
-        metrics.close()
+        for sink in sinks:
+            sink.close()
         mngr.wait_until_finished()  # asynchronous saves are complete before we return
         mngr.close()
     return TrainResult(state, config, interrupted or step < config.num_steps)
-
-
-def _drop_records_after(path: str, step: int) -> None:
-    """Keep only the records of steps <= ``step`` (the checkpoint a resumed run starts from):
-    records written after it by an interrupted run are about to be written again."""
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a crash
-    if len(keep) != len(lines):
-        from diffusion_jax import images
-
-        with images.written(path) as tmp, open(tmp, "w") as f:
-            f.writelines(keep)
-
-
-class _MetricsLog:
-    """metrics.jsonl (+ TensorBoard, + progress bar). Losses stay on the device until a write."""
-
-    def __init__(self, workdir: str, config, start: int, progress: bool, write: bool = True):
-        self.path = os.path.join(workdir, "metrics.jsonl") if write else None
-        if self.path is not None and os.path.exists(self.path):
-            _drop_records_after(self.path, start)
-        self.config = config
-        self.bar = _progress(config.num_steps, start, progress and write)
-        self.writer = _tensorboard(workdir) if write else None
-        self.pending, self.last_step, self.last_time = [], start, time.perf_counter()
-
-    def add(self, num_steps: int, sums: dict) -> None:
-        self.pending.append(sums)
-        if self.bar is not None:
-            self.bar.update(num_steps)
-
-    def write(self, step: int, notfinite_count) -> int:
-        """Append one record; returns the count of consecutive skipped (non-finite) updates."""
-        now = time.perf_counter()
-        n = step - self.last_step
-        rate = n / (now - self.last_time)
-        record = {
-            "step": step,
-            **{k: float(sum(p[k] for p in self.pending)) / n for k in self.pending[0]},
-            "lr": float(learning_rate(self.config)(step)),
-            "steps_per_sec": rate,
-            "images_per_sec": rate * self.config.batch_size,
-            "nonfinite_skipped": int(notfinite_count),
-            "time": time.time(),
-        }
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for k in ("loss", "grad_norm", "lr", "steps_per_sec"):
-                self.writer.add_scalar(k, record[k], step)
-        if self.bar is not None:
-            self.bar.set_postfix(
-                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}"
-            )
-        self.pending, self.last_step, self.last_time = [], step, now
-        return record["nonfinite_skipped"]
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _sample_grid_fn(config, model, dataset, mesh):
-    """``fn(ema_params, path)`` writing a class-ordered grid of samples (images only), sampled
-    over the mesh by every process and written by process 0."""
-    from diffusion_jax import generation, images
-
-    if dataset.train_x.ndim != 4:
-        return None
-
-    def write(ema_params, path):
-        labels = np.repeat(np.arange(config.num_classes), 8)
-        result = generation.generate(
-            config,
-            model,
-            ema_params,
-            dataset.train_x.shape[1:],
-            labels,
-            jax.random.PRNGKey(config.seed + 1),
-            mesh=mesh,
-        )
-        samples = sharding.to_host(result.samples)
-        if sharding.is_main_process():
-            images.save_grid(samples, labels, path, null_label=config.null_label)
-
-    return write

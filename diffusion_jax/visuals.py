@@ -8,6 +8,7 @@ kept unless ``overwrite``).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -24,6 +25,8 @@ from diffusion_jax import (
     samplers,
 )
 from diffusion_jax.schedules import respace
+
+logger = logging.getLogger(__name__)
 
 
 def _open(workdir: str, method: str | None, steps: int | None, spacing: str | None, settings):
@@ -115,7 +118,6 @@ def morph_to_files(
     classes,
     *,
     frames: int = 8,
-    log=print,
     **kw,
 ) -> dict[str, str]:
     """``morph_*.gif`` (the frames in turn) and ``morph_*_grid.png`` (one row per transition)
@@ -150,7 +152,7 @@ def morph_to_files(
         names = [f"{a}>{b}" for a, b in zip(classes[:-1], classes[1:], strict=True)]
         images.save_rows(rows, paths["grid"], names)
     for p in paths.values():
-        log(f"wrote {p}")
+        logger.info(f"wrote {p}")
     return paths
 
 
@@ -159,7 +161,6 @@ def interpolate_to_files(
     label: int,
     *,
     frames: int = 8,
-    log=print,
     **kw,
 ) -> dict[str, str]:
     """``interp_*_strip.png``: ``frames`` samples of class ``label`` from noises spherically
@@ -189,7 +190,7 @@ def interpolate_to_files(
     with images.all_or_nothing(paths):
         images.save_rows([strip], paths["strip"], [str(label)])
     for p in paths.values():
-        log(f"wrote {p}")
+        logger.info(f"wrote {p}")
     return paths
 
 
@@ -268,7 +269,6 @@ def inpaint_to_files(
     seed: int = 0,
     out: str | None = None,
     overwrite: bool = False,
-    log=print,
     **settings,
 ) -> dict[str, str]:
     """``inpaint_*_compare.png``: rows of original | masked | filled for ``count`` images (the
@@ -327,5 +327,5 @@ def inpaint_to_files(
         names = None if labels is None else [str(int(c)) for c in labels]
         images.save_rows(rows, paths["compare"], names)
     for p in paths.values():
-        log(f"wrote {p}")
+        logger.info(f"wrote {p}")
     return paths

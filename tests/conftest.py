@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(__file__))  # the helpers in tests/ (exact.py
 
 import pytest  # noqa: E402  (after the platform is forced)
 
-TINY = dict(preset="tiny", progress=False, log=lambda *a: None)
+TINY = dict(preset="tiny", progress=False, tensorboard=False)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-import evaluate as evaluate_script
 from diffusion_jax import checkpoints, classifier, cli, data, evaluation, metrics
+from diffusion_jax.commands import evaluate as evaluate_script
 
 
 def separable(n, seed):

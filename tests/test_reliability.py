@@ -13,9 +13,9 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY
 
-import sample as sample_script
 from diffusion_jax import checkpoints, classifier, generation, images, training
 from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.commands import sample as sample_script
 
 
 def test_a_diverging_run_saves_nothing_after_its_last_good_step(tmp_path, tiny_data):
@@ -79,7 +79,7 @@ def test_non_finite_samples_are_not_written(straight_run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(generation, "generate", nan_generate)
     with pytest.raises(ValueError, match="NaN or infinite, so nothing was written"):
-        generation.sample_to_files(workdir, per_class=1, out=str(tmp_path), log=lambda *a: None)
+        generation.sample_to_files(workdir, per_class=1, out=str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 

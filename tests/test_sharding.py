@@ -20,7 +20,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import sys, json, jax, numpy as np
-    from diffusion_jax import generation, models, samplers, sharding, training
+    from diffusion_jax import cli, generation, models, samplers, sharding, training
+    cli.setup_logging()  # the library's messages on stdout, as train.py shows them
     from diffusion_jax.schedules import respace
     workdir, devices, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if len(sys.argv) > 4:
@@ -29,7 +30,7 @@ SCRIPT = textwrap.dedent(
     overrides = dict(num_steps=6, steps_per_dispatch=3, log_every=3, checkpoint_every=6,
                      batch_size=64, mlp_hidden=32, mlp_layers=2, num_timesteps=50)
     result = training.train(workdir, preset="toy2d", overrides=overrides, progress=False,
-                            log=print, data_shards=shards)
+                            data_shards=shards)
     # 9 samples: padded to a multiple of the device count, then cut back
     model, mesh = models.build_model(result.config), sharding.data_mesh()
     samples = generation.generate(result.config, model, result.state.ema_params, (2,),
@@ -147,7 +148,8 @@ def test_two_processes_match_one_process_with_two_shards(tmp_path):
 STOP_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, threading, time, jax, numpy as np
-    from diffusion_jax import sharding, training
+    from diffusion_jax import cli, sharding, training
+    cli.setup_logging()
     workdir, coordinator, process, stop_after, log_every = sys.argv[1:6]
     if coordinator != "-":
         sharding.initialize_distributed(coordinator, 2, int(process))

@@ -2,6 +2,7 @@
 and the failure paths (corrupt or foreign checkpoints, conflicts, NaN data, bad outputs)."""
 
 import json
+import logging
 import os
 
 import jax
@@ -9,10 +10,10 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-import sample as sample_script
-import train as train_script
 from diffusion_jax import checkpoints, generation, training
 from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.commands import sample as sample_script
+from diffusion_jax.commands import train as train_script
 
 
 def leaves(tree):
@@ -182,10 +183,10 @@ def test_toy2d_run_and_scatter_plot(tmp_path):
         sample_steps=5,
     )
     result = training.train(
-        workdir, preset="toy2d", overrides=overrides, progress=False, log=lambda *a: None
+        workdir, preset="toy2d", overrides=overrides, progress=False, tensorboard=False
     )
     assert int(result.state.step) == 4
-    paths = generation.sample_to_files(workdir, per_class=20, steps=5, log=lambda *a: None)
+    paths = generation.sample_to_files(workdir, per_class=20, steps=5)
     assert sorted(paths) == ["samples", "toy2d"]
     npz = np.load(paths["samples"])
     assert npz["samples"].shape == (100, 2) and npz["samples"].dtype == np.float32
@@ -213,13 +214,20 @@ def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
     dispatch with a checkpoint that a later run resumes from."""
     import signal
 
-    def log(message):
-        if message.startswith("training"):
-            os.kill(os.getpid(), signal.SIGINT)
+    class SignalOnStart(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("training"):
+                os.kill(os.getpid(), signal.SIGINT)
 
     workdir = str(tmp_path / "sigint")
     before = signal.getsignal(signal.SIGINT)  # (SIG_IGN when pytest runs in the background)
-    result = training.train(workdir, dataset=tiny_data, preset="tiny", progress=False, log=log)
+    handler, logger = SignalOnStart(), logging.getLogger("diffusion_jax.training")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = training.train(workdir, dataset=tiny_data, **TINY)
+    finally:
+        logger.removeHandler(handler)
     assert result.interrupted and int(result.state.step) == 2  # one dispatch of 2 steps
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import sample as sample_script
+from diffusion_jax.commands import sample as sample_script
 
 
 def run(workdir, out, *extra):

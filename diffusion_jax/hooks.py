@@ -1,0 +1,207 @@
+"""What the training loop does besides training, as small hooks it calls.
+
+:class:`StopFlag` turns SIGINT/SIGTERM into a flag the loop checks. The loop sums each dispatch's
+metrics into a :class:`MetricsWindow`; on a logging step the window becomes one record (the means
+of the metrics since the last record, the learning rate and the speed), which every *sink* gets:
+``metrics.jsonl`` (:class:`JsonlSink`), TensorBoard (:class:`TensorBoardSink`) and the progress
+bar (:class:`ProgressSink`, which also advances after each dispatch). A sink is any object with
+``write(record)``, ``advance(num_steps)`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from diffusion_jax import images, sharding
+
+# The record fields TensorBoard plots (the rest are bookkeeping).
+TENSORBOARD_FIELDS = ("loss", "grad_norm", "lr", "steps_per_sec")
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between dispatches.
+
+    With several processes the loop acts on a signal only through :meth:`agree`, which every
+    process calls after every dispatch: a checkpoint is a collective operation, so all of them
+    must stop at the same step, whichever of them received the signal.
+    """
+
+    def __init__(self):
+        self.signal = None  # what the loop acts on
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        if jax.process_count() == 1:
+            self.signal = signum
+
+    def agree(self) -> None:
+        """Set ``signal`` if any process has received one (a collective: call on all)."""
+        if jax.process_count() > 1:
+            signals = sharding.all_processes(self.received or 0)
+            if np.any(signals):
+                self.signal = int(np.max(signals))
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsWindow:
+    """The metric sums of the dispatches since the last record. They stay on the device until
+    :meth:`record` (reading them would wait for each dispatch to finish)."""
+
+    def __init__(self, start: int, learning_rate, batch_size: int):
+        self.learning_rate, self.batch_size = learning_rate, batch_size
+        self.pending, self.last_step, self.last_time = [], start, time.perf_counter()
+
+    def add(self, sums: dict) -> None:
+        self.pending.append(sums)
+
+    def record(self, step: int, nonfinite_skipped) -> dict:
+        """The record of steps (last record, ``step``]; starts the next window."""
+        now = time.perf_counter()
+        n = step - self.last_step
+        rate = n / (now - self.last_time)
+        record = {
+            "step": step,
+            **{k: float(sum(p[k] for p in self.pending)) / n for k in self.pending[0]},
+            "lr": float(self.learning_rate(step)),
+            "steps_per_sec": rate,
+            "images_per_sec": rate * self.batch_size,
+            "nonfinite_skipped": int(nonfinite_skipped),
+            "time": time.time(),
+        }
+        self.pending, self.last_step, self.last_time = [], step, now
+        return record
+
+
+class JsonlSink:
+    """Appends each record to ``path`` as one JSON line. A resumed run first drops the records
+    written after its checkpoint by the interrupted run (they are about to be written again)."""
+
+    def __init__(self, path: str, start: int):
+        self.path = path
+        if os.path.exists(path):
+            drop_records_after(path, start)
+
+    def advance(self, num_steps: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        pass
+
+
+def drop_records_after(path: str, step: int) -> None:
+    """Keep only the records of steps <= ``step`` in the metrics file ``path``."""
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a line cut short by a crash
+    if len(keep) != len(lines):
+        with images.written(path) as tmp, open(tmp, "w") as f:
+            f.writelines(keep)
+
+
+class TensorBoardSink:
+    """Scalars in ``logdir`` for TensorBoard (tensorboardX, a declared dependency: it writes
+    event files without TensorFlow)."""
+
+    def __init__(self, logdir: str):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                f"TensorBoard logging needs tensorboardX ({e}); install it with "
+                "`pip install tensorboardX`, or pass --no_tensorboard"
+            ) from None
+        self.writer = SummaryWriter(logdir)
+
+    def advance(self, num_steps: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        for k in TENSORBOARD_FIELDS:
+            if k in record:
+                self.writer.add_scalar(k, record[k], record["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class ProgressSink:
+    """A tqdm progress bar showing the last record's loss and images/s."""
+
+    def __init__(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def advance(self, num_steps: int) -> None:
+        self.bar.update(num_steps)
+
+    def write(self, record: dict) -> None:
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_sec']:.0f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def sinks(workdir: str, start: int, total: int, *, progress: bool, tensorboard: bool) -> list:
+    """The sinks of a run's main process: metrics.jsonl, TensorBoard and the progress bar."""
+    out = [JsonlSink(os.path.join(workdir, "metrics.jsonl"), start)]
+    if tensorboard:
+        out.append(TensorBoardSink(os.path.join(workdir, "tensorboard")))
+    if progress:
+        out.append(ProgressSink(total, start))
+    return out
+
+
+def sample_grid_writer(config, model, sample_shape: tuple, mesh):
+    """``fn(ema_params, path)`` writing a class-ordered grid of 8 samples per class, sampled over
+    the mesh by every process and written by process 0; None for 2-D point data."""
+    from diffusion_jax import generation
+
+    if len(sample_shape) != 3:
+        return None
+
+    def write(ema_params, path):
+        labels = np.repeat(np.arange(config.num_classes), 8)
+        result = generation.generate(
+            config,
+            model,
+            ema_params,
+            sample_shape,
+            labels,
+            jax.random.PRNGKey(config.seed + 1),
+            mesh=mesh,
+        )
+        samples = sharding.to_host(result.samples)
+        if sharding.is_main_process():
+            images.save_grid(samples, labels, path, null_label=config.null_label)
+
+    return write

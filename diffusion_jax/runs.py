@@ -1,0 +1,117 @@
+"""A training run resolved from its workdir and the request: which config (fresh, or the saved one
+with overrides), which data, which step to resume from, and where this invocation stops.
+
+:func:`resolve_run` does every check that can fail before training starts (a config conflict, a
+batch larger than the data, a mesh the batch cannot be split over), so :func:`training.train`'s
+loop receives one :class:`Run` and nothing more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from diffusion_jax import checkpoints, data, sharding
+from diffusion_jax import config as config_lib
+
+
+class ConfigConflictError(ValueError):
+    """A workdir's saved config differs from the requested one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    workdir: str  # absolute
+    config: config_lib.Config
+    dataset: data.Dataset
+    mesh: object  # jax.sharding.Mesh of the data-parallel devices
+    num_shards: int  # data shards (see training.device_data)
+    saved_step: int | None  # the checkpoint to resume from, None for a new run
+    end: int  # the step this invocation stops at: num_steps, or stop_after if sooner
+    is_main: bool  # process 0: the one that writes logs, metrics and grids
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return os.path.join(self.workdir, checkpoints.SUBDIR)
+
+    @property
+    def stops_early(self) -> bool:
+        """This invocation ends (as if interrupted) before ``num_steps``."""
+        return self.end < self.config.num_steps
+
+
+def resolve_config(saved, preset, overrides, allow_config_change=False) -> config_lib.Config:
+    """The config of a run: a fresh one from ``preset`` + ``overrides``, or, when resuming, the
+    ``saved`` one with ``overrides`` applied. A change of a field that alters the training
+    mathematics raises ConfigConflictError unless ``allow_config_change``."""
+    if saved is None:
+        return config_lib.get_config(preset or "mnist", **overrides)
+    if preset is not None:
+        requested = config_lib.get_config(preset, **overrides)
+    else:
+        requested = dataclasses.replace(saved, **overrides).validate()
+    diffs = config_lib.differences(saved, requested)
+    if diffs and not allow_config_change:
+        lines = "\n".join(f"  {k}: saved {a!r}, requested {b!r}" for k, (a, b) in diffs.items())
+        raise ConfigConflictError(
+            f"the workdir's saved config differs from the requested one:\n{lines}\n"
+            "Resume without these flags, use a new --workdir, or pass --allow_config_change "
+            "to continue with the new values."
+        )
+    return requested
+
+
+def _saved(ckpt_dir: str):
+    """``(saved config, step)`` of the workdir's latest checkpoint, or ``(None, None)``. Process
+    0's view, so that every process restores the same step or none."""
+    if not sharding.same_on_all_processes(os.path.isdir(ckpt_dir)):
+        return None, None
+    mngr = checkpoints.manager(ckpt_dir)
+    try:
+        latest = mngr.latest_step()
+        step = sharding.same_on_all_processes(-1 if latest is None else latest)
+        if step < 0:
+            return None, None
+        saved, _ = checkpoints.read_meta(mngr, ckpt_dir, step)
+        return saved, step
+    finally:
+        mngr.close()
+
+
+def resolve_run(
+    workdir: str,
+    *,
+    preset: str | None,
+    overrides: dict,
+    allow_config_change: bool,
+    dataset: data.Dataset | None,
+    stop_after: int | None,
+    num_shards: int,
+) -> Run:
+    """The :class:`Run` of ``workdir`` (see :func:`training.train` for the arguments)."""
+    workdir = os.path.abspath(workdir)
+    ckpt_dir = os.path.join(workdir, checkpoints.SUBDIR)
+    saved, saved_step = _saved(ckpt_dir)
+    config = resolve_config(saved, preset, overrides, allow_config_change)
+    if dataset is None:
+        dataset = data.load_dataset(config)
+    mesh = sharding.data_mesh()
+    sharding.check_batch_size(config.batch_size, mesh)
+    sharding.check_num_shards(num_shards, mesh)
+    if config.batch_size > dataset.train_x.shape[0] // num_shards * num_shards:
+        raise ValueError(
+            f"batch_size {config.batch_size} exceeds the {dataset.train_x.shape[0]} training "
+            f"examples of {dataset.name}"
+            + (f" (in {num_shards} equal shards)" if num_shards > 1 else "")
+        )
+    end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
+    return Run(
+        workdir=workdir,
+        config=config,
+        dataset=dataset,
+        mesh=mesh,
+        num_shards=num_shards,
+        saved_step=saved_step,
+        end=end,
+        is_main=sharding.is_main_process(),
+    )

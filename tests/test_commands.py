@@ -1,0 +1,90 @@
+"""The command-line layer: the one list parser, the installed entry points, the root shims, and
+the light start-up (no jax before the Ctrl-C handler)."""
+
+import os
+import subprocess
+import sys
+import tomllib
+
+import pytest
+
+from diffusion_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_parse_list_reads_and_checks_each_item():
+    assert cli.parse_list(" 3,3 ,7,", int, name="--labels") == [3, 3, 7]
+    assert cli.parse_list("0,0.5", float, name="--w") == [0.0, 0.5]
+    assert cli.parse_list("a,b", name="--x", choices=("a", "b")) == ["a", "b"]
+    cases = [
+        (dict(text="", item=int), "--x is empty"),
+        (dict(text=" , ", item=int), "--x is empty"),
+        (dict(text="1,x", item=int, example="1,2"), "--x takes comma-separated integers, e.g. 1,2"),
+        (dict(text="1,0", item=int, minimum=1), "--x takes values >= 1"),
+        (dict(text="a,c", choices=("a", "b")), r"unknown \['c'\]"),
+    ]
+    for kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            cli.parse_list(name="--x", **kw)
+
+
+def test_a_custom_item_parser_keeps_its_own_message():
+    def item(text):
+        raise ValueError(f"no such thing as {text}")
+
+    with pytest.raises(ValueError, match="no such thing as q"):
+        cli.parse_list("q", item, name="--x")
+
+
+def test_list_type_errors_are_argparse_usage_errors():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--labels", type=cli.list_type(int, name="--labels"))
+    assert parser.parse_args(["--labels", "1,2"]).labels == [1, 2]
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--labels", "1,b"])
+    assert exit_info.value.code == 2
+
+
+def test_the_entry_points_name_the_commands_run_functions():
+    import importlib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert sorted(scripts) == ["diffusion-evaluate", "diffusion-sample", "diffusion-train"]
+    for name, target in scripts.items():
+        module, _, function = target.partition(":")
+        assert module == f"diffusion_jax.commands.{name.removeprefix('diffusion-')}"
+        assert callable(getattr(importlib.import_module(module), function))
+
+
+def python(code_or_args, **kw):
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, **kw
+    )
+
+
+def test_importing_a_command_does_not_import_jax():
+    """So Ctrl-C is handled from the first moment of a command, and the package's names still
+    resolve on first use."""
+    code = (
+        "import sys\n"
+        "import diffusion_jax.commands.train, diffusion_jax.commands.sample, "
+        "diffusion_jax.commands.evaluate, diffusion_jax.cli\n"
+        "assert 'jax' not in sys.modules, 'jax imported'\n"
+        "import diffusion_jax\n"
+        "assert diffusion_jax.UNet.__name__ == 'UNet' and 'jax' in sys.modules\n"
+    )
+    proc = python(code, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py"])
+def test_the_root_scripts_run_the_commands(script):
+    proc = python([script, "--help"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"usage: {script}") and "--workdir" in proc.stdout

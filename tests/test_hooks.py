@@ -1,0 +1,75 @@
+"""The training loop's hooks on their own: the metrics window's means, metrics.jsonl on resume,
+the TensorBoard event files (read back with the protobuf schema, not through the writer)."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from diffusion_jax import hooks
+
+
+def test_a_record_holds_the_means_of_the_window_and_starts_the_next():
+    window = hooks.MetricsWindow(start=10, learning_rate=lambda step: 1e-3 * step, batch_size=4)
+    window.add({"loss": np.float32(6.0), "grad_norm": np.float32(3.0)})  # 3 steps' sums
+    window.add({"loss": np.float32(2.0), "grad_norm": np.float32(1.0)})  # 1 step's sums
+    record = window.record(14, nonfinite_skipped=0)
+    assert record["step"] == 14 and record["loss"] == 2.0 and record["grad_norm"] == 1.0
+    assert record["lr"] == pytest.approx(0.014)
+    assert record["images_per_sec"] == pytest.approx(4 * record["steps_per_sec"])
+    assert record["nonfinite_skipped"] == 0
+    window.add({"loss": np.float32(1.0), "grad_norm": np.float32(5.0)})
+    assert window.record(16, nonfinite_skipped=2)["loss"] == 0.5  # (16 - 14 steps)
+
+
+def test_a_new_metric_reaches_every_record():
+    window = hooks.MetricsWindow(0, lambda step: 0.0, 1)
+    window.add({"loss": 1.0, "grad_norm": 1.0, "snr": 8.0})
+    assert window.record(2, 0)["snr"] == 4.0
+
+
+def test_resuming_drops_the_records_after_the_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (2, 4, 6)] + ['{"step": 8, "lo']
+    path.write_text("\n".join(lines) + "\n")
+    sink = hooks.JsonlSink(str(path), start=4)
+    sink.write({"step": 6, "loss": 0.5})
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def read_scalars(logdir) -> dict:
+    """{tag: [(step, value)]} from the event files: length-prefixed Event protos."""
+    from tensorboardX.proto import event_pb2
+
+    out = {}
+    for name in os.listdir(logdir):
+        data, i = open(os.path.join(logdir, name), "rb").read(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4  # length, its CRC, the event, its CRC
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_gets_the_plotted_fields_of_each_record(tmp_path):
+    sink = hooks.TensorBoardSink(str(tmp_path))
+    for step, loss in ((2, 0.5), (4, 0.25)):
+        sink.write(
+            {
+                "step": step,
+                "loss": loss,
+                "grad_norm": 1.0,
+                "lr": 0.1,
+                "steps_per_sec": 3.0,
+                "time": 123.0,
+            }
+        )
+    sink.close()
+    scalars = read_scalars(tmp_path)
+    assert sorted(scalars) == sorted(hooks.TENSORBOARD_FIELDS)
+    assert scalars["loss"] == [(2, 0.5), (4, 0.25)]
