@@ -20,8 +20,8 @@ import numpy as np
 
 from diffusion_jax import images, sharding
 
-# The record fields TensorBoard plots (the rest are bookkeeping).
-TENSORBOARD_FIELDS = ("loss", "grad_norm", "lr", "steps_per_sec")
+# Record fields that are not plotted in TensorBoard (its x axis, and the wall clock).
+NOT_PLOTTED = ("step", "time")
 
 
 class StopFlag:
@@ -145,9 +145,9 @@ class TensorBoardSink:
         pass
 
     def write(self, record: dict) -> None:
-        for k in TENSORBOARD_FIELDS:
-            if k in record:
-                self.writer.add_scalar(k, record[k], record["step"])
+        for k, value in record.items():
+            if k not in NOT_PLOTTED:
+                self.writer.add_scalar(k, value, record["step"])
 
     def close(self) -> None:
         self.writer.close()

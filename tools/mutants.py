@@ -67,6 +67,7 @@ DEFAULT_MODULES = (
     "metrics",
     "embeddings",
     "training",
+    "hooks",
     "classifier",
     "evaluation",
     "unet",
@@ -90,6 +91,7 @@ MODULE_TESTS = {
         "tests/test_networks.py::test_unet_shapes_and_zero_init",
     ],
     "training": ["tests/test_optimizer.py"],
+    "hooks": ["tests/test_hooks.py"],
     "classifier": [
         "tests/test_evaluation.py::test_the_classifier_recipe_is_pinned",
         "tests/test_evaluation.py::test_random_shift_translates_each_image_within_range",
@@ -124,8 +126,11 @@ MODULE_FUNCTIONS = {
         "make_optimizer",
         "ema_decay_at",
         "init_state",
+        "step_metrics",
         "_make_train_steps",
     ],
+    # the metrics' arithmetic, not signals, files or the progress bar
+    "hooks": ["MetricsWindow"],
     # not the checkpoint cache (save, load, default_dir, get_classifier)
     "classifier": [
         "<module>",

@@ -19,8 +19,8 @@ from diffusion_jax import cli
 
 
 def main(argv=None, prog: str = "train.py") -> int:
-    from diffusion_jax import cli, sharding, training, workdir
     from diffusion_jax import config as config_lib
+    from diffusion_jax import sharding, training, workdir
 
     parser = argparse.ArgumentParser(
         prog=prog,
