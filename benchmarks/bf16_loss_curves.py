@@ -14,12 +14,18 @@ Runs that already exist under ``--root`` are resumed (or reused if finished), no
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
 import numpy as np
+
+if __package__ in (None, ""):
+    # Run as a file (python benchmarks/NAME.py), Python puts benchmarks/ on sys.path, not the
+    # repository root; the root makes `benchmarks` (and diffusion_jax) importable either way.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import script_parser  # noqa: E402
 
 RUNS = (("f32_s0", "float32", 0), ("bf16_s0", "bfloat16", 0), ("f32_s1", "float32", 1))
 
@@ -77,9 +83,7 @@ def plot(curves: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--root", required=True, help="folder for the three run folders")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--num_steps", type=int, default=400)

@@ -16,39 +16,35 @@ gradient: told apart by the dimension numbers JAX's transpose rules give them).
 
 from __future__ import annotations
 
-import argparse
 import collections
+import functools
+import os
 import sys
-import time
 
-import numpy as np
-from benchmark import md_table, write_output
-from quality_vs_time import RunSpec, header, synthetic_mnist
+if __package__ in (None, ""):
+    # Run as a file (python benchmarks/NAME.py), Python puts benchmarks/ on sys.path, not the
+    # repository root; the root makes `benchmarks` (and diffusion_jax) importable either way.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (  # noqa: E402
+    finish_report,
+    header,
+    md_table,
+    median_seconds,
+    script_parser,
+)
+from benchmarks.workloads import RunSpec, synthetic_dataset, train_program  # noqa: E402
 
 
 def median_time(fn, *args, repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    """Median seconds of ``fn(*args)`` after one compiling and one warm-up call."""
+    return median_seconds(functools.partial(fn, *args), repeats, warmup=2)[0]
 
 
 def step_program(config):
     """``(jitted step, args)`` for one train step of ``config`` on synthetic data."""
-    from diffusion_jax import models, sharding, training
-
-    dataset = synthetic_mnist(config.num_classes, max(config.batch_size, 512))
-    mesh = sharding.data_mesh()
-    model, opt = models.build_model(config), training.make_optimizer(config)
-    state = sharding.replicate(training.init_state(config, model, opt, (1, 28, 28, 1)), mesh)
-    fn = training.make_train_steps(config, mesh, 1)
-    train_x, train_y = training.device_data(dataset, mesh, 1)
+    dataset = synthetic_dataset(config.num_classes, max(config.batch_size, 512))
+    fn, state, train_x, train_y = train_program(config, dataset)
     return fn, (state, train_x, train_y, 1)
 
 
@@ -108,9 +104,7 @@ def profile(spec: RunSpec, repeats: int) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--config", action="append", default=None, help="'NAME: key=value ...'")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--report", help="markdown file to write (never overwritten)")
@@ -160,10 +154,9 @@ def main(argv=None) -> int:
                 "",
             ]
         )
-        overrides = " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "(none)"
         lines += [
             "",
-            f"## {spec.name} (preset {spec.preset}, {overrides}; batch "
+            f"## {spec.name} (preset {spec.preset}, {spec.describe_overrides()}; batch "
             f"{result['config'].batch_size})",
             "",
             f"Whole train step: {result['total'] * 1e3:.1f} ms.",
@@ -172,10 +165,7 @@ def main(argv=None) -> int:
                 ["input size", "role", "convs", "ms", "share of step", "GFLOP", "GFLOP/s"], rows
             ),
         ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.report:
-        write_output(args.report, text, overwrite=False)
+    finish_report(lines, args.report)
     return 0
 
 

@@ -24,121 +24,35 @@ are read back from ``ROOT/NAME.quality.json``; a rerun with one more ``--run`` a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 
 import numpy as np
-from benchmark import _version, cpu_model, md_table, write_output
 
+if __package__ in (None, ""):
+    # Run as a file (python benchmarks/NAME.py), Python puts benchmarks/ on sys.path, not the
+    # repository root; the root makes `benchmarks` (and diffusion_jax) importable either way.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-    name: str
-    preset: str
-    overrides: dict
-
-    @classmethod
-    def parse(cls, text: str, default_preset: str) -> RunSpec:
-        """'NAME: key=value key=value' (tuples comma-separated; preset=P picks the preset)."""
-        from diffusion_jax import config as config_lib
-
-        name, _, rest = text.partition(":")
-        name = name.strip()
-        if not name or not name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"--run {text!r}: the name must be letters, digits, - or _")
-        parser = argparse.ArgumentParser(prog=f"--run {name}", add_help=False)
-        config_lib.add_config_flags(parser)
-        flags = []
-        for item in rest.split():
-            key, eq, value = item.partition("=")
-            if not eq:
-                raise ValueError(f"--run {text!r}: {item!r} is not key=value")
-            flags += [f"--{key}", value]
-        try:
-            args = parser.parse_args(flags)
-        except SystemExit:
-            raise ValueError(f"--run {text!r}: unknown field or bad value") from None
-        preset = args.preset or default_preset
-        overrides = config_lib.config_overrides(args)
-        config_lib.get_config(preset, **overrides)  # validate now, not after an hour of training
-        return cls(name, preset, overrides)
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def synthetic_mnist(num_classes: int, num: int, seed: int = 0):
-    """A Dataset of ``num`` random 28x28x1 images in [-1, 1] with random labels (speed only)."""
-    from diffusion_jax import data
-
-    rng = np.random.default_rng(seed)
-    return data.Dataset(
-        "synthetic",
-        rng.uniform(-1, 1, (num, 28, 28, 1)).astype(np.float32),
-        rng.integers(0, num_classes, num).astype(np.int32),
-        np.zeros((0, 28, 28, 1), np.float32),
-        np.zeros((0,), np.int32),
-        num_classes,
-    )
-
-
-def header(title: str, argv, packages=("jax", "flax", "optax")) -> list[str]:
-    """The lines every benchmark report starts with: date, machine, versions, command."""
-    return [
-        f"# {title}",
-        "",
-        f"- date (UTC): {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M:%S}",
-        f"- CPU: {cpu_model()}, os.cpu_count() = {os.cpu_count()}, cores this process may use "
-        f"{cores()}",
-        f"- python {platform.python_version()}, "
-        + ", ".join(f"{p} {_version(p)}" for p in packages),
-        f"- command: `{shlex.join(['python', sys.argv[0], *argv])}`",
-    ]
-
-
-def step_runner(config, dataset):
-    """``(run, num_params)``: ``run()`` takes one optimizer step of ``config`` on ``dataset``
-    (as :func:`diffusion_jax.training.train` does) and returns its loss once it is computed."""
-    import jax
-
-    from diffusion_jax import models, sharding, training
-
-    mesh = sharding.data_mesh()
-    model, opt = models.build_model(config), training.make_optimizer(config)
-    state = training.init_state(config, model, opt, (1, *dataset.train_x.shape[1:]))
-    num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    box = [sharding.replicate(state, mesh)]
-    step_fn = training.make_train_steps(config, mesh, 1)
-    train_x, train_y = training.device_data(dataset, mesh, 1)
-
-    def run() -> float:
-        box[0], sums = step_fn(box[0], train_x, train_y, 1)
-        return float(jax.block_until_ready(sums["loss"]))
-
-    return run, num_params
+from benchmarks.common import (  # noqa: E402
+    cores,
+    finish_report,
+    header,
+    md_table,
+    median_seconds,
+    script_parser,
+)
+from benchmarks.workloads import RunSpec, step_runner  # noqa: E402
 
 
 def probe_steps_per_second(config, dataset, num_steps: int = 8) -> float:
     """Median speed of single optimizer steps of ``config`` after compilation and warm-up."""
     run, _ = step_runner(config, dataset)
-    times = []
-    for i in range(num_steps + 2):
-        start = time.perf_counter()
-        run()
-        if i >= 2:  # the first call compiles, the second warms up
-            times.append(time.perf_counter() - start)
-    return 1.0 / float(np.median(times))
+    seconds, _ = median_seconds(run, num_steps, warmup=2)  # the first call compiles
+    return 1.0 / seconds
 
 
 def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int, log=print) -> dict:
@@ -289,11 +203,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def report(rows, records, specs, args, argv) -> str:
-    import jax
-
+def report(rows, records, specs, args, argv) -> list[str]:
     lines = header("Sample quality against CPU-minutes", argv) + [
-        f"- device: {jax.devices()[0].device_kind}",
         f"- evaluation: {args.sampler}, w = {args.w:g}, {args.per_class} samples per class, "
         f"seed {args.seed}; FD over the floor of real train vs real test images of the same count",
         "",
@@ -301,12 +212,11 @@ def report(rows, records, specs, args, argv) -> str:
     table = []
     for spec in specs:
         rec = records[spec.name]
-        overrides = " ".join(f"{k}={v}" for k, v in spec.overrides.items()) or "(none)"
         table.append(
             [
                 spec.name,
                 spec.preset,
-                overrides,
+                spec.describe_overrides(),
                 rec["cores"],
                 f"{rec['probe_steps_per_s']:.2f}",
                 rec["num_steps"],
@@ -335,14 +245,12 @@ def report(rows, records, specs, args, argv) -> str:
             ],
         )
     )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--root", required=True, help="folder of the runs (one subfolder each)")
     parser.add_argument(
         "--run",
@@ -378,10 +286,7 @@ def main(argv=None) -> int:
         records[spec.name] = train_run(spec, args.root, args.budget_minutes, args.evals)
     for spec in specs:
         rows += evaluate_run(spec, args.root, records[spec.name], args)
-    text = report(rows, records, specs, args, argv)
-    print(text)
-    if args.report:
-        write_output(args.report, text, overwrite=False)
+    finish_report(report(rows, records, specs, args, argv), args.report)
     if args.plot:
         plot(rows, args.plot, f"mnist5k, {args.sampler}, w = {args.w:g}, {args.per_class}/class")
         print(f"wrote {args.plot}")

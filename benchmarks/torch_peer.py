@@ -16,14 +16,21 @@ both alike; medians after warm-up are reported with the ratio JAX / PyTorch.
 
 from __future__ import annotations
 
-import argparse
 import math
+import os
 import sys
 import time
 
 import numpy as np
-from benchmark import md_table, write_output
-from quality_vs_time import RunSpec, cores, header, step_runner, synthetic_mnist
+
+if __package__ in (None, ""):
+    # Run as a file (python benchmarks/NAME.py), Python puts benchmarks/ on sys.path, not the
+    # repository root; the root makes `benchmarks` (and diffusion_jax) importable either way.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import cores, finish_report, header, md_table, script_parser  # noqa: E402
+from benchmarks.workloads import RunSpec, step_runner, synthetic_dataset  # noqa: E402
+from diffusion_jax import cli  # noqa: E402
 
 
 def torch_unet(config, in_channels: int):
@@ -167,7 +174,7 @@ def torch_step_fn(config, batch: int, seed: int):
 
 def jax_step_fn(config, batch: int, seed: int):
     """A zero-argument callable running one of the library's train steps; the parameter count."""
-    return step_runner(config, synthetic_mnist(config.num_classes, max(batch, 512), seed))
+    return step_runner(config, synthetic_dataset(config.num_classes, max(batch, 512), seed=seed))
 
 
 def compare(spec: RunSpec, batch: int, repeats: int, seed: int) -> dict:
@@ -210,16 +217,19 @@ def compare(spec: RunSpec, batch: int, repeats: int, seed: int) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--configs",
         action="append",
         default=None,
         help="'NAME: key=value ...' as in quality_vs_time.py (preset=P; default preset cpu)",
     )
-    parser.add_argument("--batch_sizes", default="64", help="comma-separated")
+    parser.add_argument(
+        "--batch_sizes",
+        type=cli.list_type(int, name="the value", minimum=1, example="32,64"),
+        default="64",
+        help="comma-separated",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--report", help="markdown file to write (never overwritten)")
@@ -229,8 +239,7 @@ def main(argv=None) -> int:
     # as many threads as XLA:CPU uses: the cores this process may run on (taskset respected)
     torch.set_num_threads(cores())
     specs = [RunSpec.parse(t, "cpu") for t in (args.configs or ["cpu"])]
-    batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    rows = [compare(s, b, args.repeats, args.seed) for s in specs for b in batches]
+    rows = [compare(s, b, args.repeats, args.seed) for s in specs for b in args.batch_sizes]
     lines = header(
         "JAX against PyTorch: the same U-Net's train step", argv, ("jax", "flax", "torch")
     ) + [
@@ -265,10 +274,7 @@ def main(argv=None) -> int:
             ],
         ),
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.report:
-        write_output(args.report, text, overwrite=False)
+    finish_report(lines, args.report)
     return 0
 
 

@@ -1,13 +1,31 @@
-"""The quality-against-time harness: run specifications are parsed and validated up front."""
+"""The benchmark scripts: each starts both ways (as a file and as a module); the quality-against-
+time harness's run specifications are parsed and validated up front."""
 
 import os
+import subprocess
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # `benchmarks` is a folder of the repository, not an installed package
 
-from quality_vs_time import RunSpec  # noqa: E402
+from benchmarks.workloads import RunSpec  # noqa: E402
+
+SCRIPTS = ("benchmark", "quality_vs_time", "profile_step", "torch_peer", "bf16_loss_curves")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_start_as_files_and_as_modules(script, tmp_path):
+    """``python benchmarks/X.py`` puts benchmarks/ on sys.path, ``-m benchmarks.X`` the current
+    folder: the imports of the shared modules must work both ways, from any folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    as_file = [sys.executable, os.path.join(ROOT, "benchmarks", f"{script}.py"), "--help"]
+    as_module = [sys.executable, "-m", f"benchmarks.{script}", "--help"]
+    for cmd, cwd in ((as_file, tmp_path), (as_module, ROOT)):
+        done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("usage:")
 
 
 def test_run_spec_parses_fields_tuples_and_preset():
