@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import os
 import shutil
@@ -22,6 +23,8 @@ import optax
 import orbax.checkpoint as ocp
 
 from diffusion_jax import checkpoints
+
+logger = logging.getLogger(__name__)
 
 KIND = "diffusion_jax-classifier"
 # How the classifier is trained; a cache made by another recipe is not reused (its features, and
@@ -115,7 +118,6 @@ def train_classifier(
     max_shift: int | None = None,
     seed: int = 0,
     feature_dim: int = 64,
-    log=print,
 ) -> TrainedClassifier:
     """Train the CNN on ``dataset.train_*`` (images in [-1, 1]); accuracy on ``test_*``.
 
@@ -159,7 +161,7 @@ def train_classifier(
             idx = perm[i * batch_size : (i + 1) * batch_size]
             k = jax.random.fold_in(key, epoch * steps_per_epoch + i + 1_000_000)
             params, opt_state, loss = step(params, opt_state, train_x[idx], train_y[idx], k)
-        log(f"classifier epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}")
+        logger.info(f"classifier epoch {epoch + 1}/{epochs}: loss {float(loss):.4f}")
     clf = TrainedClassifier(model, params, 0.0, fingerprint(dataset))
     return clf._replace(test_accuracy=accuracy(clf, dataset.test_x, dataset.test_y))
 
@@ -252,21 +254,24 @@ def default_dir(dataset) -> str:
     return os.path.join(cache, "classifiers", name)
 
 
-def get_classifier(dataset, directory: str | None = None, log=print, **train_kw):
-    """The cached classifier for ``dataset`` (trained and cached on first use)."""
+def get_classifier(dataset, directory: str | None = None, **train_kw):
+    """The cached classifier for ``dataset`` (trained and cached on first use). A warning is
+    logged if its test accuracy is below the data set's floor (:data:`MIN_ACCURACY`)."""
     directory = directory or default_dir(dataset)
     if os.path.isdir(directory) and os.listdir(directory) and not _unfinished(directory):
         clf = load(directory, dataset)
-        log(f"classifier from {directory}: test accuracy {clf.test_accuracy:.4f}")
+        logger.info(f"classifier from {directory}: test accuracy {clf.test_accuracy:.4f}")
     else:
         if _unfinished(directory):
-            log(f"{directory} holds only an unfinished (interrupted) save: retraining")
-        clf = train_classifier(dataset, log=log, **train_kw)
+            logger.info(f"{directory} holds only an unfinished (interrupted) save: retraining")
+        clf = train_classifier(dataset, **train_kw)
         save(clf, directory, dataset.name)
-        log(f"classifier trained and saved to {directory}: test accuracy {clf.test_accuracy:.4f}")
+        logger.info(
+            f"classifier trained and saved to {directory}: test accuracy {clf.test_accuracy:.4f}"
+        )
     floor = MIN_ACCURACY.get("fashion_mnist" if "fashion" in dataset.name else dataset.name)
     if floor is not None and clf.test_accuracy < floor:
-        log(
+        logger.warning(  # (the prefix: the commands print messages without their level)
             f"WARNING: classifier test accuracy {clf.test_accuracy:.4f} is below {floor} for "
             f"{dataset.name}; its features make a weak yardstick (delete {directory} to retrain)"
         )

@@ -1,6 +1,7 @@
 """The evaluation classifier, the sweep end to end on a tiny checkpoint, and bad input."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -25,7 +26,7 @@ def test_classifier_learns_a_separable_set(tmp_path):
     (tx, ty), (vx, vy) = separable(512, 0), separable(128, 1)
     ds = data.Dataset("quadrants", tx, ty, vx, vy, 4)
     # 8x8 images: the default shift is none (a 2-pixel shift would move a quadrant away)
-    clf = classifier.train_classifier(ds, epochs=4, batch_size=32, feature_dim=8, log=lambda m: 0)
+    clf = classifier.train_classifier(ds, epochs=4, batch_size=32, feature_dim=8)
     assert clf.test_accuracy >= 0.95
     classifier.save(clf, str(tmp_path / "clf"), ds.name)
     again = classifier.load(str(tmp_path / "clf"), ds)
@@ -44,9 +45,10 @@ def test_classifier_learns_a_separable_set(tmp_path):
         classifier.load(str(tmp_path / "old"), ds)
 
 
-def test_default_training_length_and_shift(monkeypatch):
+def test_default_training_length_and_shift(monkeypatch, caplog):
     """epochs=None: about MIN_STEPS steps and at least MIN_EPOCHS; max_shift=None: side // 14."""
-    seen, logs = [], []
+    caplog.set_level(logging.INFO, logger="diffusion_jax")
+    seen = []
     real_shift = classifier.random_shift
     monkeypatch.setattr(
         classifier, "random_shift", lambda x, k, m: seen.append(m) or real_shift(x, k, m)
@@ -55,13 +57,14 @@ def test_default_training_length_and_shift(monkeypatch):
     monkeypatch.setattr(classifier, "MIN_EPOCHS", 2)
     (tx, ty), (vx, vy) = separable(64, 0), separable(16, 1)
     small = data.Dataset("quadrants", tx, ty, vx, vy, 4)
-    classifier.train_classifier(small, batch_size=32, feature_dim=8, log=logs.append)
-    assert logs[-1].startswith("classifier epoch 5/5")  # 2 steps an epoch: ceil(9 / 2) = 5 > 2
+    classifier.train_classifier(small, batch_size=32, feature_dim=8)
+    # 2 steps an epoch: ceil(9 / 2) = 5 > 2
+    assert caplog.messages[-1].startswith("classifier epoch 5/5")
     assert seen == []  # 8x8: no shift
     big = small._replace(
         train_x=np.resize(tx, (64, 28, 28, 1)), test_x=np.resize(vx, (16, 28, 28, 1))
     )
-    classifier.train_classifier(big, batch_size=32, epochs=1, feature_dim=8, log=logs.append)
+    classifier.train_classifier(big, batch_size=32, epochs=1, feature_dim=8)
     assert seen == [2]  # 28x28: up to 2 pixels (traced once)
 
 
@@ -99,7 +102,7 @@ def test_random_shift_translates_each_image_within_range():
 @pytest.fixture(scope="module")
 def tiny_classifier_dir(tmp_path_factory, tiny_data):
     directory = str(tmp_path_factory.mktemp("clf"))
-    clf = classifier.train_classifier(tiny_data, epochs=1, feature_dim=8, log=lambda m: 0)
+    clf = classifier.train_classifier(tiny_data, epochs=1, feature_dim=8)
     classifier.save(clf, directory, tiny_data.name)
     return directory
 

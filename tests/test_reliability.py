@@ -152,18 +152,16 @@ def test_a_lock_that_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch)
 def test_an_interrupted_classifier_save_counts_as_absent(tmp_path, tiny_data):
     directory = tmp_path / "clf"
     (directory / "0.orbax-checkpoint-tmp-1700000000").mkdir(parents=True)  # what a kill leaves
-    clf = classifier.get_classifier(
-        tiny_data, str(directory), log=lambda m: None, epochs=1, feature_dim=8
-    )
+    clf = classifier.get_classifier(tiny_data, str(directory), epochs=1, feature_dim=8)
     assert os.listdir(directory) == ["0"]
-    again = classifier.get_classifier(tiny_data, str(directory), log=lambda m: None)
+    again = classifier.get_classifier(tiny_data, str(directory))
     assert again.test_accuracy == clf.test_accuracy
     # a folder holding something else is neither used nor replaced
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(checkpoints.CheckpointError):
-        classifier.get_classifier(tiny_data, str(other), log=lambda m: None, epochs=1)
+        classifier.get_classifier(tiny_data, str(other), epochs=1)
     assert os.listdir(other) == ["notes.txt"]
 
 
