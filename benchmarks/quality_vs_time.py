@@ -55,7 +55,7 @@ def probe_steps_per_second(config, dataset, num_steps: int = 8) -> float:
     return 1.0 / seconds
 
 
-def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int, log=print) -> dict:
+def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int) -> dict:
     """Train (or resume) one run for the budget; returns its record (also in ROOT/NAME.json)."""
     from diffusion_jax import config as config_lib
     from diffusion_jax import data, training
@@ -100,10 +100,10 @@ def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int, log=p
         sample_every=0,
     )
     if "train_seconds" not in record:
-        log(f"{spec.name}: {record['num_steps']} steps ({record['probe_steps_per_s']:.2f}/s)")
+        print(f"{spec.name}: {record['num_steps']} steps ({record['probe_steps_per_s']:.2f}/s)")
         start = time.time()
         result = training.train(
-            workdir, preset=spec.preset, overrides=overrides, progress=False, log=log
+            workdir, preset=spec.preset, overrides=overrides, progress=False, tensorboard=False
         )
         if result.interrupted:
             raise KeyboardInterrupt(f"{spec.name} was interrupted; rerun to resume it")
@@ -116,7 +116,7 @@ def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int, log=p
     return record
 
 
-def evaluate_run(spec: RunSpec, root: str, record: dict, args, log=print) -> list[dict]:
+def evaluate_run(spec: RunSpec, root: str, record: dict, args) -> list[dict]:
     """Quality of every kept checkpoint of one run (cached in quality.json by step and setting)."""
     import jax
 
@@ -138,7 +138,7 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args, log=print) -> lis
             path = os.path.join(workdir, "checkpoints", step_text)
             config, model, params, shape, step = generation.load_for_sampling(path)
             dataset = data.load_dataset(config)
-            clf = classifier_lib.get_classifier(dataset, args.classifier_dir, log=log)
+            clf = classifier_lib.get_classifier(dataset, args.classifier_dir)
             reference = _reference(clf, dataset)
             labels = np.repeat(np.arange(config.num_classes), args.per_class)
             method, _, k = args.sampler.partition(":")
@@ -157,7 +157,7 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args, log=print) -> lis
             cache[key] = {k: row[k] for k in ("fd", "floor_fd", "accuracy", "is", "real_is", "n")}
             with open(cache_path, "w") as f:
                 json.dump(cache, f, indent=1)
-            log(f"{spec.name} step {step_text}: {cache[key]}")
+            print(f"{spec.name} step {step_text}: {cache[key]}")
         cpu_minutes = seconds / 60 * record["cores"]
         rows.append(dict(cache[key], run=spec.name, step=int(step_text), cpu_minutes=cpu_minutes))
     return rows
@@ -281,6 +281,9 @@ def main(argv=None) -> int:
     if len({s.name for s in specs}) != len(specs):
         parser.error("two --run share a name")
 
+    from diffusion_jax import cli
+
+    cli.setup_logging()  # the library's messages (resumes, classifier) as the commands show them
     records, rows = {}, []
     for spec in specs:
         records[spec.name] = train_run(spec, args.root, args.budget_minutes, args.evals)
