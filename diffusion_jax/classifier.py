@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from diffusion_jax import checkpoints
+from diffusion_jax import checkpoints, datasets
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,6 @@ RECIPE = 2
 # batches, 3 epochs of Fashion-MNIST gave test accuracy 0.894, under the 0.90 asked for).
 MIN_STEPS = 700
 MIN_EPOCHS = 6
-# The test accuracy below which the classifier's features are not trusted (EVALUATION.md).
-MIN_ACCURACY = {"mnist": 0.99, "mnist5k": 0.97, "fashion_mnist": 0.90}
 
 
 class CNN(nn.Module):
@@ -256,7 +254,7 @@ def default_dir(dataset) -> str:
 
 def get_classifier(dataset, directory: str | None = None, **train_kw):
     """The cached classifier for ``dataset`` (trained and cached on first use). A warning is
-    logged if its test accuracy is below the data set's floor (:data:`MIN_ACCURACY`)."""
+    logged if its test accuracy is below the data set's floor (:func:`datasets.min_accuracy`)."""
     directory = directory or default_dir(dataset)
     if os.path.isdir(directory) and os.listdir(directory) and not _unfinished(directory):
         clf = load(directory, dataset)
@@ -269,7 +267,7 @@ def get_classifier(dataset, directory: str | None = None, **train_kw):
         logger.info(
             f"classifier trained and saved to {directory}: test accuracy {clf.test_accuracy:.4f}"
         )
-    floor = MIN_ACCURACY.get("fashion_mnist" if "fashion" in dataset.name else dataset.name)
+    floor = datasets.min_accuracy(dataset)
     if floor is not None and clf.test_accuracy < floor:
         logger.warning(  # (the prefix: the commands print messages without their level)
             f"WARNING: classifier test accuracy {clf.test_accuracy:.4f} is below {floor} for "

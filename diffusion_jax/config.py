@@ -13,13 +13,15 @@ import math
 import numbers
 from typing import Any
 
+from diffusion_jax import datasets
 from diffusion_jax.diffusion import PREDICTIONS
 from diffusion_jax.losses import LOSS_TYPES, WEIGHTINGS, check_loss_config
+from diffusion_jax.models import NETWORKS
 from diffusion_jax.samplers import METHODS
 from diffusion_jax.schedules import SCHEDULES
 
-DATASETS = ("mnist", "fashion_mnist", "mnist5k", "idx", "toy2d")
-MODELS = ("unet", "mlp")
+DATASETS = datasets.DATASETS  # the registries: datasets.REGISTRY, models.NETWORKS
+MODELS = tuple(NETWORKS)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -164,7 +166,7 @@ class Config:
 
     @property
     def num_classes(self) -> int:
-        return 5 if self.dataset == "toy2d" else 10
+        return datasets.get(self.dataset).num_classes
 
     def validate(self) -> Config:
         """Raise ValueError naming the field and the allowed values if anything is off."""
@@ -175,12 +177,25 @@ class Config:
                 f"sample_steps ({self.sample_steps}) cannot exceed num_timesteps "
                 f"({self.num_timesteps})"
             )
-        if self.dataset == "idx" and not self.data_dir:
-            raise ValueError("dataset='idx' needs --data_dir, the folder holding the IDX files")
-        if (self.dataset == "toy2d") != (self.model == "mlp"):
-            raise ValueError("toy2d data goes with model='mlp', images with model='unet'")
+        spec = datasets.get(self.dataset)
+        if spec.needs_data_dir and not self.data_dir:
+            raise ValueError(f"dataset={spec.name!r} needs --data_dir, {spec.needs_data_dir}")
+        if NETWORKS[self.model].module.input_kind != spec.kind:
+            raise ValueError(pairings())
         check_loss_config(self.prediction, self.loss_type, self.weighting)  # the pairings
         return self
+
+
+def pairings() -> str:
+    """Which data go with which networks, e.g. "toy2d data goes with model='mlp', images with
+    model='unet'" (from the registries: each data set's kind, each network's input kind)."""
+    parts = []
+    for kind, about in datasets.KINDS.items():
+        names = "/".join(s.name for s in datasets.REGISTRY.values() if s.kind == kind)
+        nets = " or ".join(repr(n) for n, e in NETWORKS.items() if e.module.input_kind == kind)
+        what = about.noun.format(names=names)
+        parts.append(f"{what} {'' if parts else 'goes '}with model={nets}")
+    return ", ".join(parts)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {

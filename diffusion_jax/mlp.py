@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax import datasets
 from diffusion_jax.embeddings import Conditioning
 
 
@@ -19,9 +22,10 @@ class MLPDenoiser(nn.Module):
     num_layers: int = 3
     dtype: jnp.dtype = jnp.float32
 
+    input_kind: ClassVar[str] = "points"  # (B, D): see models.Network
+
     def check_input_shape(self, shape) -> None:
-        if len(shape) != 2:
-            raise ValueError(f"MLPDenoiser expects vectors (B, D), got shape {tuple(shape)}")
+        datasets.check_shape(self.input_kind, shape, type(self).__name__)
 
     @nn.compact
     def __call__(self, x, t, labels=None, train: bool = False):

@@ -1,8 +1,15 @@
-"""Building the configured network, and turning a Flax module into a denoiser callable."""
+"""The networks by name (:data:`NETWORKS`), building the configured one, and turning a Flax
+module into a denoiser callable.
+
+Adding a network is its module (satisfying :class:`Network`) and one entry in :data:`NETWORKS`;
+``--model`` then offers it, and the config pairs it with the data sets of its ``input_kind``.
+"""
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -12,28 +19,50 @@ from diffusion_jax.mlp import MLPDenoiser
 from diffusion_jax.unet import UNet
 
 
+class Network(Protocol):
+    """What a registered network module is: a Flax module called as ``(x, t, labels, train)``
+    on batches of the kind of data it declares."""
+
+    # the data it denoises, a key of diffusion_jax.datasets.KINDS ("image", "points")
+    input_kind: ClassVar[str]
+
+    def check_input_shape(self, shape) -> None:
+        """ValueError unless a batch of ``shape`` can pass: first datasets.check_shape (the
+        rank of ``input_kind``), then the network's own limits. Its ``__call__`` calls it too."""
+
+    def __call__(self, x, t, labels=None, train: bool = False) -> jax.Array: ...
+
+
+class NetworkEntry(NamedTuple):
+    module: type[Network]
+    settings: Callable[[Any], dict]  # config -> the module's arguments beyond classes and dtype
+
+
+NETWORKS: dict[str, NetworkEntry] = {
+    "unet": NetworkEntry(
+        UNet,
+        lambda config: dict(
+            channels=config.channels,
+            channel_mults=tuple(config.channel_mults),
+            num_res_blocks=config.num_res_blocks,
+            attention_resolutions=tuple(config.attention_resolutions),
+            num_heads=config.num_heads,
+            dropout=config.dropout,
+            num_groups=config.num_groups,
+            patch_size=config.patch_size,
+        ),
+    ),
+    "mlp": NetworkEntry(
+        MLPDenoiser, lambda config: dict(hidden=config.mlp_hidden, num_layers=config.mlp_layers)
+    ),
+}
+
+
 def build_model(config) -> nn.Module:
     """The network that ``config`` (a :class:`~diffusion_jax.config.Config`) describes."""
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
-    if config.model == "mlp":
-        return MLPDenoiser(
-            num_classes=config.num_classes,
-            hidden=config.mlp_hidden,
-            num_layers=config.mlp_layers,
-            dtype=dtype,
-        )
-    return UNet(
-        num_classes=config.num_classes,
-        channels=config.channels,
-        channel_mults=tuple(config.channel_mults),
-        num_res_blocks=config.num_res_blocks,
-        attention_resolutions=tuple(config.attention_resolutions),
-        num_heads=config.num_heads,
-        dropout=config.dropout,
-        num_groups=config.num_groups,
-        patch_size=config.patch_size,
-        dtype=dtype,
-    )
+    entry = NETWORKS[config.model]
+    return entry.module(num_classes=config.num_classes, dtype=dtype, **entry.settings(config))
 
 
 @functools.cache

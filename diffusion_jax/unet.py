@@ -10,10 +10,12 @@ and two levels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax import datasets
 from diffusion_jax.embeddings import Conditioning
 
 
@@ -99,10 +101,11 @@ class UNet(nn.Module):
     patch_size: int = 1
     dtype: jnp.dtype = jnp.float32
 
+    input_kind: ClassVar[str] = "image"  # (B, H, W, C): see models.Network
+
     def check_input_shape(self, shape) -> None:
         """Raise ValueError if images of ``shape`` (B, H, W, C) cannot pass through this U-Net."""
-        if len(shape) != 4:
-            raise ValueError(f"UNet expects NHWC images (B, H, W, C), got shape {tuple(shape)}")
+        datasets.check_shape(self.input_kind, shape, type(self).__name__)
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
         factor = self.patch_size * 2 ** (len(self.channel_mults) - 1)

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from diffusion_jax import config as config_lib
-from diffusion_jax.training import ConfigConflictError, resolve_config
+from diffusion_jax import datasets, models
+from diffusion_jax.runs import ConfigConflictError, resolve_config
 
 
 @pytest.mark.parametrize("preset", list(config_lib.PRESETS))
@@ -63,6 +64,22 @@ def test_command_line_overrides():
 def test_bad_values_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         config_lib.get_config("mnist", **kw)
+
+
+@pytest.mark.parametrize("dataset", config_lib.DATASETS)
+@pytest.mark.parametrize("model", config_lib.MODELS)
+def test_data_sets_and_networks_pair_by_kind_from_the_registries(dataset, model):
+    """Every data set and network name comes from its registry; a pairing is valid exactly when
+    the network's input kind is the data set's kind, and the class count is the data set's."""
+    spec = datasets.get(dataset)
+    kw = dict(dataset=dataset, model=model, data_dir="somewhere")
+    if models.NETWORKS[model].module.input_kind == spec.kind:
+        assert config_lib.get_config("mnist", **kw).num_classes == spec.num_classes
+    else:
+        with pytest.raises(ValueError, match="toy2d data goes with model='mlp', images with"):
+            config_lib.get_config("mnist", **kw)
+    assert config_lib.DATASETS == tuple(datasets.REGISTRY)
+    assert config_lib.MODELS == tuple(models.NETWORKS)
 
 
 def test_unknown_preset():

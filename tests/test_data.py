@@ -1,14 +1,20 @@
-"""Data sources: IDX files, tfds (mocked), the offline 5k MNIST, toy2d, and device-side batching."""
+"""Data sources: IDX files, tfds (mocked), the offline 5k MNIST, toy2d, device-side batching, and
+the registry of data sets (class counts, kinds, classifier floors)."""
 
 import gzip
+import hashlib
+import logging
+import os
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import data
+from diffusion_jax import data, datasets
 from diffusion_jax.config import get_config
+
+DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
 
 
 def write_idx(path, array):
@@ -232,3 +238,86 @@ def test_a_file_as_data_dir_is_not_missing(tmp_path):
     assert "does not exist" not in str(err.value)
     with pytest.raises(data.DataUnavailableError, match="is a file, not a folder"):
         data.load_tfds("mnist", path)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def load_small(name, folder, monkeypatch):
+    """Registered data set ``name`` read by its registry entry's loader, as small as it comes:
+    the tfds ones from mock data, ``idx`` from a tiny folder holding every digit as a label."""
+    if name in data.TFDS_NAMES:
+        tfds = pytest.importorskip("tensorflow_datasets")
+        monkeypatch.setattr(data, "can_reach", lambda *a, **k: True)
+        with tfds.testing.mock_data(num_examples=24):
+            return datasets.get(name).load(str(folder))
+    if name == "idx":
+        labels = np.arange(20) % 10
+        for key, stem in data.IDX_FILES.items():
+            write_idx(str(folder / stem), labels if key.endswith("_y") else np.zeros((20, 4, 4)))
+    return datasets.get(name).load(str(folder))
+
+
+@pytest.mark.parametrize("name", datasets.DATASETS)
+def test_every_registered_data_set_is_what_its_entry_says(name, tmp_path, monkeypatch):
+    spec = datasets.get(name)
+    ds = load_small(name, tmp_path, monkeypatch)
+    assert ds.num_classes == spec.num_classes
+    assert ds.known_as == name  # (random or zero labels: not recognised as another data set)
+    for x, y in ((ds.train_x, ds.train_y), (ds.test_x, ds.test_y)):
+        assert x.ndim == datasets.KINDS[spec.kind].rank and x.dtype == np.float32
+        assert len(x) == len(y) and y.dtype == np.int32 and 0 <= y.min() <= y.max() < ds.num_classes
+    assert spec.kind in datasets.KINDS
+    assert (spec.min_accuracy is None) or (spec.kind == "image" and 0 < spec.min_accuracy < 1)
+
+
+def test_an_unregistered_data_set_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"dataset must be one of \('mnist', "):
+        datasets.get("cifar10")
+
+
+def test_an_idx_folder_is_known_by_its_test_labels_not_its_name(idx_folder, monkeypatch):
+    """Fashion-MNIST in an IDX folder gets Fashion-MNIST's classifier floor whatever the folder
+    is called; a folder merely named after it does not."""
+    folder, arrays = idx_folder
+    plain = data.load_idx_folder(str(folder), name="idx:fashion-mnist")
+    assert plain.known_as == "idx" and datasets.min_accuracy(plain) is None
+    digest = hashlib.sha256(np.asarray(arrays["test_y"], np.uint8).tobytes()).hexdigest()
+    monkeypatch.setitem(datasets.RECOGNISED, digest, "fashion_mnist")
+    ds = data.load_idx_folder(str(folder))
+    assert ds.known_as == "fashion_mnist" and ds.name == f"idx:{folder.name}"
+    assert datasets.min_accuracy(ds) == datasets.REGISTRY["fashion_mnist"].min_accuracy == 0.90
+
+
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="no dataset-fashion-mnist package")
+def test_debian_fashion_mnist_test_labels_are_recognised():
+    labels = data.read_idx(os.path.join(DEBIAN_FASHION, "t10k-labels-idx1-ubyte.gz"))
+    assert datasets.recognise(labels) == "fashion_mnist"
+    assert datasets.recognise(labels[::-1]) is None
+
+
+@pytest.mark.parametrize(
+    "known_as, floor", [("mnist5k", 0.97), ("mnist", 0.99), ("fashion_mnist", 0.90), ("", None)]
+)
+def test_classifier_floor_from_the_registry(known_as, floor, tmp_path, caplog, monkeypatch):
+    """get_classifier warns when the cached classifier's accuracy is below the floor of the
+    registered data set the data are known as, and only then."""
+    from diffusion_jax import classifier
+
+    caplog.set_level(logging.INFO, logger="diffusion_jax")
+    x, y = np.zeros((4, 8, 8, 1), np.float32), np.arange(4, dtype=np.int32)
+    ds = data.Dataset("idx:somewhere", x, y, x, y, 10, known_as)
+    (tmp_path / "0").mkdir()  # a cache: loaded (stubbed), not trained
+    for accuracy in (0.5, 0.995):
+        stub = classifier.TrainedClassifier(None, {}, accuracy, "f")
+        monkeypatch.setattr(classifier, "load", lambda directory, dataset, stub=stub: stub)
+        caplog.clear()
+        assert classifier.get_classifier(ds, str(tmp_path)) is stub
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        if floor is not None and accuracy < floor:
+            assert warnings == [
+                f"WARNING: classifier test accuracy 0.5000 is below {floor} for idx:somewhere; "
+                f"its features make a weak yardstick (delete {tmp_path} to retrain)"
+            ]
+        else:
+            assert warnings == []

@@ -1,11 +1,15 @@
-"""U-Net and MLP denoiser: shapes, zero start, conditioning wired in, bfloat16, bad shapes."""
+"""U-Net and MLP denoiser: shapes, zero start, conditioning wired in, bfloat16, bad shapes, and
+the registry of networks (each takes the kind of data it declares, and refuses the others)."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import MLPDenoiser, UNet, denoiser
+from diffusion_jax import MLPDenoiser, UNet, datasets, denoiser, models
+from diffusion_jax.config import get_config
 from diffusion_jax.embeddings import Conditioning, sinusoidal_embedding
 from diffusion_jax.unet import depth_to_space, space_to_depth
 
@@ -204,3 +208,33 @@ def test_conditioning_is_time_mlp_plus_class_row():
         shapes = jax.eval_shape(Conditioning(dim, num_classes).init, jax.random.PRNGKey(0), t, t)
         got = shapes["params"].get("class", {}).get("embedding")
         assert (got.shape if got is not None else None) == (None if rows is None else (rows, dim))
+
+
+# a small batch of each kind of data, and a preset whose data are of that kind
+EXAMPLES = {"image": ((2, 8, 8, 1), "tiny"), "points": ((3, 2), "toy2d")}
+
+
+def test_every_kind_of_data_has_an_example():
+    assert set(EXAMPLES) == set(datasets.KINDS)
+
+
+@pytest.mark.parametrize("name", tuple(models.NETWORKS))
+def test_every_registered_network_takes_the_kind_it_declares(name):
+    entry = models.NETWORKS[name]
+    kind = entry.module.input_kind
+    assert kind in datasets.KINDS
+    shape, preset = EXAMPLES[kind]
+    config = get_config(preset, model=name)  # (validated: the preset's data are of this kind)
+    model = models.build_model(config)
+    assert type(model) is entry.module and model.num_classes == config.num_classes
+    params = models.init_params(model, jax.random.PRNGKey(0), shape)
+    t = jnp.arange(shape[0])
+    assert denoiser(model)(params, jnp.ones(shape), t, t % config.num_classes).shape == shape
+    for other, (wrong, _) in EXAMPLES.items():
+        if other == kind:
+            continue
+        message = f"{entry.module.__name__} expects {datasets.KINDS[kind].shape}, got shape {wrong}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            models.init_params(model, jax.random.PRNGKey(0), wrong)
+        with pytest.raises(ValueError, match=re.escape(message)):  # the module's own call too
+            denoiser(model)(params, jnp.ones(wrong), t[:1] * 0, t[:1] * 0)
