@@ -49,7 +49,9 @@ class RunSpec:
 
 def data_shape(config) -> tuple[int, ...]:
     """Shape of one example as the data loader would give it (without batch)."""
-    if config.dataset == "toy2d":
+    from diffusion_jax import datasets
+
+    if datasets.get(config.dataset).kind == "points":  # toy2d, the one data set of points
         return (2,)
     size = config.image_size or 28  # MNIST, Fashion-MNIST and the 5k digits are 28x28x1
     return (size, size, 1)
