@@ -7,13 +7,15 @@ The folder listing is the architecture:
   (reverse-step update rules, one registry), ``samplers`` (jitted ``lax.scan`` reverse chains
   with guidance), ``interpolation`` (class morphs, noise interpolation), ``inpainting``
   (RePaint);
-* networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (config -> module -> denoiser);
-* running: ``config`` (presets, flags), ``data`` (data sets), ``training`` (state, optimiser,
-  EMA, step compiler, loop), ``runs`` (a run resolved from its workdir), ``hooks`` (signals,
-  metrics log, progress, TensorBoard), ``workdir`` (a run's folder and its lock),
-  ``checkpoints`` (Orbax), ``generation`` (sampling a checkpoint), ``visuals`` (morphs,
-  inpainting and interpolations of a checkpoint, as files), ``images`` (grids, GIFs),
-  ``cli`` (what the commands share), ``commands`` (train, sample, evaluate);
+* networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (the network registry: config ->
+  module -> denoiser);
+* running: ``config`` (presets, flags), ``datasets`` (the data set registry), ``data``
+  (loaders), ``training`` (state, optimiser, EMA, step compiler, loop), ``runs`` (a run resolved
+  from its workdir), ``hooks`` (signals, metrics log, progress, TensorBoard), ``workdir`` (a
+  run's folder and its lock), ``checkpoints`` (Orbax), ``generation`` (sampling a
+  checkpoint), ``visuals`` (morphs, inpainting and interpolations of a checkpoint, as files),
+  ``images`` (grids, GIFs), ``cli`` (what the commands share), ``commands`` (train, sample,
+  evaluate);
 * measuring: ``classifier`` (the evaluation CNN), ``metrics`` (Frechet distance, Inception
   Score), ``evaluation`` (floors, sweeps, tables, plots).
 """

@@ -33,6 +33,21 @@ def start(program: str) -> None:
     setup_logging()
 
 
+def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A command's parser: described by the first paragraph of its module docstring."""
+    return argparse.ArgumentParser(
+        prog=prog,
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def run_command(main, prog: str) -> None:
+    """A console entry point: :func:`start`, then ``main(prog=prog)`` as the exit code."""
+    start(prog)
+    sys.exit(main(prog=prog))
+
+
 class _StdoutHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stdout`` is when a message is emitted (pytest's capture, a
     redirected stream), not the one present when the handler was made."""

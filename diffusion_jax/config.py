@@ -380,8 +380,32 @@ def _parse_ints(text: str) -> tuple[int, ...]:
     return tuple(list_type(int, name="the value", example="1,2,2")(text)) if text.strip() else ()
 
 
+# Config's fields fall into these sections, in field order, each starting at the named field.
+# The dataclass stays flat (config.json, old checkpoints and the flags all use plain field
+# names); the sections group ``--help`` and the docs.
+_SECTION_STARTS = {
+    "dataset": "data",
+    "model": "model",
+    "schedule": "diffusion",
+    "batch_size": "optimisation",
+    "steps_per_dispatch": "loop",
+    "sampler": "sampling",
+}
+
+
+def sections() -> dict[str, tuple[str, ...]]:
+    """{section: its field names}: data, model, diffusion, optimisation, loop, sampling."""
+    out: dict[str, list[str]] = {}
+    section = None
+    for field in dataclasses.fields(Config):
+        section = _SECTION_STARTS.get(field.name, section)
+        out.setdefault(section, []).append(field.name)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--field`` flag per Config field (default: the preset's value) plus ``--preset``."""
+    """One ``--field`` flag per Config field (default: the preset's value), grouped by
+    :func:`sections`, plus ``--preset``."""
     parser.add_argument(
         "--preset",
         default=None,
@@ -389,8 +413,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         help="named configuration to start from (default: mnist for a new run, "
         "the saved config when resuming)",
     )
-    group = parser.add_argument_group("config overrides (default: the preset's value)")
+    groups = {
+        name: parser.add_argument_group(f"config: {name} (default: the preset's value)")
+        for name in sections()
+    }
+    section_of = {f: name for name, fields in sections().items() for f in fields}
     for field in dataclasses.fields(Config):
+        group = groups[section_of[field.name]]
         kind = field.type if isinstance(field.type, type) else str(field.type)
         if "tuple" in str(kind):
             parse = _parse_ints

@@ -182,3 +182,21 @@ def test_non_finite_and_out_of_range_flags(flags, match):
     overrides = config_lib.config_overrides(parser.parse_args(flags))
     with pytest.raises(ValueError, match=match):
         config_lib.get_config("tiny", **overrides)
+
+
+def test_sections_cover_every_field_once_in_order_and_group_the_help():
+    sections = config_lib.sections()
+    assert list(sections) == ["data", "model", "diffusion", "optimisation", "loop", "sampling"]
+    flat = [name for fields in sections.values() for name in fields]
+    assert flat == [f.name for f in dataclasses.fields(config_lib.Config)]
+    assert sections["data"] == ("dataset", "data_dir", "image_size")
+    assert sections["sampling"] == ("sampler", "sample_steps", "guidance")
+    parser = argparse.ArgumentParser()
+    config_lib.add_config_flags(parser)
+    titles = {g.title: [a.dest for a in g._group_actions] for g in parser._action_groups}
+    assert titles["config: optimisation (default: the preset's value)"] == list(
+        sections["optimisation"]
+    )
+    # the flags stay flat: one per field, by its own name
+    args = parser.parse_args(["--lr", "0.01", "--sampler", "ddim"])
+    assert config_lib.config_overrides(args) == {"lr": 0.01, "sampler": "ddim"}

@@ -161,9 +161,7 @@ def test_npz_input(straight_run, tiny_classifier_dir, tmp_path, tiny_data, capsy
     np.savez(
         good, samples=np.round((real + 1) * 127.5).astype(np.uint8), labels=tiny_data.test_y[:40]
     )
-    row = evaluation.evaluate_npz(
-        str(good), config, classifier_dir=tiny_classifier_dir
-    )
+    row = evaluation.evaluate_npz(str(good), config, classifier_dir=tiny_classifier_dir)
     # real test images asked for their true labels: accuracy is the classifier's own
     assert row["accuracy"] > 0.5 and row["n"] == 40
     cases = {

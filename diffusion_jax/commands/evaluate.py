@@ -11,20 +11,14 @@ cached (DIFFUSION_JAX_CACHE, default ~/.cache/diffusion_jax).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 
 from diffusion_jax import cli
 
 
 def main(argv=None, prog: str = "evaluate.py") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.command_parser(prog, __doc__)
     parser.add_argument("--workdir", required=True, help="training run (or checkpoint folder)")
     parser.add_argument("--npz", help="evaluate these samples (from sample.py) instead of sweeping")
     parser.add_argument("--w", default="0,0.5,1,2,4", help="guidance weights to sweep")
@@ -115,5 +109,4 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
 
 def run(prog: str = "diffusion-evaluate") -> None:
     """The console entry point (``diffusion-evaluate``; ``python evaluate.py`` calls it too)."""
-    cli.start(prog)
-    sys.exit(main(prog=prog))
+    cli.run_command(main, prog)

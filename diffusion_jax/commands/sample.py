@@ -13,20 +13,13 @@ Labels are 0..9; 10 means unconditional. Existing outputs are kept unless --over
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 from diffusion_jax import cli
 
 
 def main(argv=None, prog: str = "sample.py") -> int:
     from diffusion_jax.solvers import METHODS, RECOMMENDED
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.command_parser(prog, __doc__)
     parser.add_argument(
         "--workdir",
         required=True,
@@ -168,5 +161,4 @@ def main(argv=None, prog: str = "sample.py") -> int:
 
 def run(prog: str = "diffusion-sample") -> None:
     """The console entry point (``diffusion-sample``; ``python sample.py`` calls it too)."""
-    cli.start(prog)
-    sys.exit(main(prog=prog))
+    cli.run_command(main, prog)

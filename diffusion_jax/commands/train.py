@@ -11,9 +11,7 @@ On several hosts, start the same command on each with ``--distributed`` (see REA
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 from diffusion_jax import cli
 
@@ -22,11 +20,7 @@ def main(argv=None, prog: str = "train.py") -> int:
     from diffusion_jax import config as config_lib
     from diffusion_jax import sharding, training, workdir
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.command_parser(prog, __doc__)
     parser.add_argument("--workdir", required=True, help="folder of the run (created if missing)")
     parser.add_argument(
         "--allow_config_change",
@@ -68,5 +62,4 @@ def main(argv=None, prog: str = "train.py") -> int:
 
 def run(prog: str = "diffusion-train") -> None:
     """The console entry point (``diffusion-train``; ``python train.py`` calls it too)."""
-    cli.start(prog)
-    sys.exit(main(prog=prog))
+    cli.run_command(main, prog)
