@@ -66,16 +66,16 @@ class MetricsWindow:
     """The metric sums of the dispatches since the last record. They stay on the device until
     :meth:`record` (reading them would wait for each dispatch to finish)."""
 
-    def __init__(self, start: int, learning_rate, batch_size: int):
-        self.learning_rate, self.batch_size = learning_rate, batch_size
-        self.pending, self.last_step, self.last_time = [], start, time.perf_counter()
+    def __init__(self, start: int, learning_rate, batch_size: int, clock=time.perf_counter):
+        self.learning_rate, self.batch_size, self.clock = learning_rate, batch_size, clock
+        self.pending, self.last_step, self.last_time = [], start, clock()
 
     def add(self, sums: dict) -> None:
         self.pending.append(sums)
 
     def record(self, step: int, nonfinite_skipped) -> dict:
         """The record of steps (last record, ``step``]; starts the next window."""
-        now = time.perf_counter()
+        now = self.clock()
         n = step - self.last_step
         rate = n / (now - self.last_time)
         record = {

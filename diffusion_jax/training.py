@@ -58,7 +58,7 @@ def learning_rate(config) -> optax.Schedule:
         init_value=0.0,
         peak_value=config.lr,
         warmup_steps=warmup,
-        decay_steps=max(config.num_steps, warmup + 1),
+        decay_steps=config.num_steps,  # > warmup, which is at most num_steps - 1
         end_value=config.lr / 10,
     )
 
@@ -299,7 +299,9 @@ def _saved_part(state: TrainState) -> dict:
     return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
-def _diverged(run, step, streak, last_good, during_run) -> TrainingDivergedError:
+def _diverged(step, streak, last_good, during_run: bool) -> TrainingDivergedError:
+    """The error of a run whose updates stayed non-finite (``during_run``: the streak reached
+    ``max_nonfinite_steps``; else the run ended inside a streak)."""
     where = (
         f"the loss was non-finite for {streak} consecutive steps up to step {step}; those "
         "updates were skipped and nothing was saved after the last good checkpoint"
@@ -403,9 +405,7 @@ def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
                     for sink in sinks:
                         sink.write(record)
                     if record["nonfinite_skipped"] >= config.max_nonfinite_steps:
-                        raise _diverged(
-                            run, step, record["nonfinite_skipped"], mngr.latest_step(), True
-                        )
+                        raise _diverged(step, record["nonfinite_skipped"], mngr.latest_step(), True)
                 if grids is not None and step % config.sample_every == 0:
                     grids(state.ema_params, _grid_path(workdir, step))
                 stop.agree()
@@ -422,7 +422,7 @@ def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
                     )
                     break
             if step == config.num_steps and streak:
-                raise _diverged(run, step, streak, mngr.latest_step(), False)
+                raise _diverged(step, streak, mngr.latest_step(), False)
     finally:
         for sink in sinks:
             sink.close()

@@ -24,6 +24,16 @@ def test_a_record_holds_the_means_of_the_window_and_starts_the_next():
     assert window.record(16, nonfinite_skipped=2)["loss"] == 0.5  # (16 - 14 steps)
 
 
+def test_the_speed_is_steps_over_the_seconds_since_the_last_record():
+    times = iter([100.0, 102.0, 103.0])
+    window = hooks.MetricsWindow(10, lambda step: 0.0, batch_size=8, clock=lambda: next(times))
+    window.add({"loss": 1.0})
+    first = window.record(14, 0)  # 4 steps in 2 s
+    assert first["steps_per_sec"] == 2.0 and first["images_per_sec"] == 16.0
+    window.add({"loss": 1.0})
+    assert window.record(17, 0)["steps_per_sec"] == 3.0  # 3 steps in 1 s
+
+
 def test_a_new_metric_reaches_every_record():
     window = hooks.MetricsWindow(0, lambda step: 0.0, 1)
     window.add({"loss": 1.0, "grad_norm": 1.0, "snr": 8.0})

@@ -138,6 +138,18 @@ def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_
     assert int(state.opt_state.notfinite_count) == 1
 
 
+def test_a_long_streak_of_non_finite_steps_is_all_skipped(ema_run, tiny_data):
+    """The optimiser never gives up skipping by itself (the loop stops a diverging run at
+    max_nonfinite_steps): 61 non-finite steps in a row, in one dispatch, change nothing."""
+    _, steps, states, _ = ema_run
+    bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
+    train_x, train_y = training.device_data(bad, sharding.data_mesh(), 1)
+    state, _ = steps(states[4], train_x, train_y, 61)
+    assert int(state.opt_state.notfinite_count) == 61 and int(state.step) == 65
+    for field in ("params", "ema_params"):
+        np.testing.assert_array_equal(flat(getattr(state, field)), flat(getattr(states[4], field)))
+
+
 def test_one_dispatch_of_several_steps_is_those_steps_one_by_one(ema_run, tiny_data):
     """``num_steps`` steps in one dispatch reach the state of as many single-step dispatches,
     and the returned loss is the sum of their losses (one compiled program: the count is traced)."""
