@@ -4,9 +4,8 @@ The program is ``diffusion_jax/commands/train.py`` (installed as ``diffusion-tra
 ``python train.py --help`` lists its flags.
 """
 
-if __name__ == "__main__":
-    # (only this light import before the Ctrl-C handler is installed: the package imports jax
-    # lazily)
-    from diffusion_jax.commands.train import run
+# (a light import: the package imports jax lazily, so Ctrl-C is handled from the start)
+from diffusion_jax.commands.train import main, run  # noqa: F401  (main: for `import train`)
 
+if __name__ == "__main__":
     run("train.py")

@@ -50,7 +50,16 @@ _EXPORTS = {
 def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"diffusion_jax.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'diffusion_jax' has no attribute {name!r}")
+    try:  # a submodule, as ``dj.samplers`` after ``import diffusion_jax as dj``
+        return importlib.import_module(f"diffusion_jax.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"diffusion_jax.{name}":
+            raise  # the submodule exists but needs something missing
+        raise AttributeError(f"module 'diffusion_jax' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
 
 
 __version__ = "0.1.0"

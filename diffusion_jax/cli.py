@@ -31,6 +31,10 @@ def start(program: str) -> None:
 
     signal.signal(signal.SIGINT, interrupted)
     setup_logging()
+    # Only our handler prints the library's messages: absl (imported with Orbax) gives the root
+    # logger a stderr handler, which would print each of them a second time. (Not done in
+    # setup_logging: in-process callers such as pytest's caplog listen on the root logger.)
+    logging.getLogger("diffusion_jax").propagate = False
 
 
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -84,8 +88,9 @@ def _error_kinds():
     from diffusion_jax.training import TrainingDivergedError
 
     user = (ValueError, CheckpointError, DataUnavailableError, FileExistsError, PermissionError)
-    # Any other OSError (a full disk, a vanished folder) names its path and cause: one line.
-    return user, (TrainingDivergedError, OSError)
+    # Any other OSError (a full disk, a vanished folder) names its path and cause, and a missing
+    # package (ImportError) names what to install: one line each.
+    return user, (TrainingDivergedError, OSError, ImportError)
 
 
 def _quiet_closed_loop_callbacks() -> None:

@@ -373,11 +373,17 @@ def differences(a: Config, b: Config, ignore=OPERATIONAL_FIELDS) -> dict[str, tu
     return {k: (da[k], db[k]) for k in da if k not in ignore and da[k] != db[k]}
 
 
-def _parse_ints(text: str) -> tuple[int, ...]:
-    """A tuple field's flag; an empty text is the empty tuple (e.g. no attention)."""
+def _ints_flag(name: str):
+    """The flag type of tuple field ``name``: comma-separated integers; a text of nothing but
+    commas and spaces is the empty tuple (``--attention_resolutions ""``: no attention)."""
     from diffusion_jax.cli import list_type
 
-    return tuple(list_type(int, name="the value", example="1,2,2")(text)) if text.strip() else ()
+    parse = list_type(int, name=f"--{name}", example="1,2,2" if name == "channel_mults" else "7")
+
+    def ints(text: str) -> tuple[int, ...]:
+        return tuple(parse(text)) if text.replace(",", "").strip() else ()
+
+    return ints
 
 
 # Config's fields fall into these sections, in field order, each starting at the named field.
@@ -422,7 +428,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         group = groups[section_of[field.name]]
         kind = field.type if isinstance(field.type, type) else str(field.type)
         if "tuple" in str(kind):
-            parse = _parse_ints
+            parse = _ints_flag(field.name)
         elif kind in ("int", int):
             parse = int
         elif kind in ("float", float):

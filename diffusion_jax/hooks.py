@@ -80,7 +80,8 @@ class MetricsWindow:
         rate = n / (now - self.last_time)
         record = {
             "step": step,
-            **{k: float(sum(p[k] for p in self.pending)) / n for k in self.pending[0]},
+            # (the loss first: jax returns the dict with its keys sorted)
+            **{k: float(sum(p[k] for p in self.pending)) / n for k in _ordered(self.pending[0])},
             "lr": float(self.learning_rate(step)),
             "steps_per_sec": rate,
             "images_per_sec": rate * self.batch_size,
@@ -89,6 +90,10 @@ class MetricsWindow:
         }
         self.pending, self.last_step, self.last_time = [], step, now
         return record
+
+
+def _ordered(names) -> list:
+    return sorted(names, key=lambda k: (k != "loss", k))
 
 
 class JsonlSink:
@@ -127,19 +132,24 @@ def drop_records_after(path: str, step: int) -> None:
             f.writelines(keep)
 
 
+def require_tensorboard():
+    """The tensorboardX module, or an ImportError that says what to do."""
+    try:
+        import tensorboardX
+    except ImportError as e:
+        raise ImportError(
+            f"TensorBoard logging needs tensorboardX ({e}); install it with "
+            "`pip install tensorboardX` (it is in requirements.txt), or pass --no_tensorboard"
+        ) from None
+    return tensorboardX
+
+
 class TensorBoardSink:
     """Scalars in ``logdir`` for TensorBoard (tensorboardX, a declared dependency: it writes
     event files without TensorFlow)."""
 
     def __init__(self, logdir: str):
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError as e:
-            raise ImportError(
-                f"TensorBoard logging needs tensorboardX ({e}); install it with "
-                "`pip install tensorboardX`, or pass --no_tensorboard"
-            ) from None
-        self.writer = SummaryWriter(logdir)
+        self.writer = require_tensorboard().SummaryWriter(logdir)
 
     def advance(self, num_steps: int) -> None:
         pass
@@ -173,11 +183,17 @@ class ProgressSink:
 
 def sinks(workdir: str, start: int, total: int, *, progress: bool, tensorboard: bool) -> list:
     """The sinks of a run's main process: metrics.jsonl, TensorBoard and the progress bar."""
-    out = [JsonlSink(os.path.join(workdir, "metrics.jsonl"), start)]
-    if tensorboard:
-        out.append(TensorBoardSink(os.path.join(workdir, "tensorboard")))
-    if progress:
-        out.append(ProgressSink(total, start))
+    out = []
+    try:
+        out.append(JsonlSink(os.path.join(workdir, "metrics.jsonl"), start))
+        if tensorboard:
+            out.append(TensorBoardSink(os.path.join(workdir, "tensorboard")))
+        if progress:
+            out.append(ProgressSink(total, start))
+    except BaseException:
+        for sink in out:
+            sink.close()
+        raise
     return out
 
 

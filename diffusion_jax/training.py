@@ -254,6 +254,8 @@ def train(
     """
     workdir = os.path.abspath(workdir)
     workdir_lib.check_workdir(workdir)
+    if tensorboard:
+        hooks.require_tensorboard()  # before anything is written
     if not os.path.isdir(os.path.join(workdir, checkpoints.SUBDIR)):
         # A new run: a config that cannot be trained (e.g. sample_steps > num_timesteps) is
         # refused before the lock creates the folder, so no empty workdir is left behind.
@@ -343,20 +345,26 @@ def _checkpoint(run: runs.Run, mngr, step: int, state: TrainState) -> int:
 
 
 def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
-    config, workdir = run.config, run.workdir
-    model = models.build_model(config)
-    mngr = checkpoints.manager(run.checkpoint_dir, keep_every=config.keep_every)
+    model = models.build_model(run.config)
+    mngr = checkpoints.manager(run.checkpoint_dir, keep_every=run.config.keep_every)
     try:
         state = _initial_state(run, model, mngr)
-    except BaseException:
+        if int(state.step) >= run.config.num_steps:
+            _say(
+                run,
+                f"{run.workdir} is already trained to step {int(state.step)} "
+                f"(num_steps={run.config.num_steps})",
+            )
+            return TrainResult(state, run.config, False)
+        return _loop(run, model, mngr, state, progress=progress, tensorboard=tensorboard)
+    finally:
+        mngr.wait_until_finished()  # asynchronous saves are complete before we return
         mngr.close()
-        raise
-    start = int(state.step)
-    if start >= config.num_steps:
-        _say(run, f"{workdir} is already trained to step {start} (num_steps={config.num_steps})")
-        mngr.close()
-        return TrainResult(state, config, False)
 
+
+def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainResult:
+    """Train from ``state`` to ``run.end``, checkpointing into ``mngr``."""
+    config, workdir, start = run.config, run.workdir, int(state.step)
     train_steps = make_train_steps(config, run.mesh, run.num_shards)
     train_x, train_y = device_data(run.dataset, run.mesh, run.num_shards)
     if run.is_main:
@@ -417,7 +425,8 @@ def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
                     interrupted = True
                     _say(
                         run,
-                        f"stopped by signal {stop.signal} at step {step}; "
+                        # (on a line of its own after the progress bar)
+                        f"\nstopped by signal {stop.signal} at step {step}; "
                         + ("checkpoint written" if streak == 0 else "nothing saved"),
                     )
                     break
@@ -426,6 +435,4 @@ def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
     finally:
         for sink in sinks:
             sink.close()
-        mngr.wait_until_finished()  # asynchronous saves are complete before we return
-        mngr.close()
     return TrainResult(state, config, interrupted or step < config.num_steps)

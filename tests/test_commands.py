@@ -77,7 +77,9 @@ def test_importing_a_command_does_not_import_jax():
         "diffusion_jax.commands.evaluate, diffusion_jax.cli\n"
         "assert 'jax' not in sys.modules, 'jax imported'\n"
         "import diffusion_jax\n"
+        "assert 'UNet' in dir(diffusion_jax) and 'jax' not in sys.modules\n"
         "assert diffusion_jax.UNet.__name__ == 'UNet' and 'jax' in sys.modules\n"
+        "assert diffusion_jax.schedules.make_schedule is diffusion_jax.make_schedule\n"
     )
     proc = python(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -88,3 +90,32 @@ def test_the_root_scripts_run_the_commands(script):
     proc = python([script, "--help"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: {script}") and "--workdir" in proc.stdout
+
+
+def test_a_command_prints_each_message_once_on_stdout():
+    """absl (imported with Orbax) gives the root logger a stderr handler; a command's messages
+    must not reach it too."""
+    code = (
+        "from diffusion_jax import cli\n"
+        "cli.start('x')\n"
+        "import logging, orbax.checkpoint\n"
+        "logging.getLogger('diffusion_jax.training').info('resumed here')\n"
+    )
+    proc = python(code, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "resumed here\n" and "resumed" not in proc.stderr
+
+
+def test_a_missing_tensorboardx_is_one_line_before_anything_is_written(tmp_path, capsys):
+    from unittest import mock
+
+    from diffusion_jax.commands import train
+
+    workdir = tmp_path / "run"
+    with mock.patch.dict(sys.modules, {"tensorboardX": None}):  # (import raises ImportError)
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(["--workdir", str(workdir), "--preset", "tiny", "--no_progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and "\n" not in err
+    assert "needs tensorboardX" in err and "--no_tensorboard" in err
+    assert not workdir.exists()

@@ -200,3 +200,16 @@ def test_sections_cover_every_field_once_in_order_and_group_the_help():
     # the flags stay flat: one per field, by its own name
     args = parser.parse_args(["--lr", "0.01", "--sampler", "ddim"])
     assert config_lib.config_overrides(args) == {"lr": 0.01, "sampler": "ddim"}
+
+
+def test_tuple_flags_name_themselves_and_commas_alone_are_empty():
+    parser = argparse.ArgumentParser()
+    config_lib.add_config_flags(parser)
+    for text in ("", ",", " , "):
+        args = parser.parse_args(["--attention_resolutions", text])
+        assert config_lib.config_overrides(args) == {"attention_resolutions": ()}
+    assert parser.parse_args(["--channel_mults", "1,2"]).channel_mults == (1, 2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--channel_mults", "1,x"])
+    with pytest.raises(argparse.ArgumentTypeError, match="--channel_mults takes comma-sep"):
+        config_lib._ints_flag("channel_mults")("1,x")

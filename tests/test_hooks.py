@@ -13,9 +13,11 @@ from diffusion_jax import hooks
 
 def test_a_record_holds_the_means_of_the_window_and_starts_the_next():
     window = hooks.MetricsWindow(start=10, learning_rate=lambda step: 1e-3 * step, batch_size=4)
-    window.add({"loss": np.float32(6.0), "grad_norm": np.float32(3.0)})  # 3 steps' sums
-    window.add({"loss": np.float32(2.0), "grad_norm": np.float32(1.0)})  # 1 step's sums
+    # (key order as jax returns a dict: sorted)
+    window.add({"grad_norm": np.float32(3.0), "loss": np.float32(6.0)})  # 3 steps' sums
+    window.add({"grad_norm": np.float32(1.0), "loss": np.float32(2.0)})  # 1 step's sums
     record = window.record(14, nonfinite_skipped=0)
+    assert list(record)[:3] == ["step", "loss", "grad_norm"]  # the order metrics.jsonl had
     assert record["step"] == 14 and record["loss"] == 2.0 and record["grad_norm"] == 1.0
     assert record["lr"] == pytest.approx(0.014)
     assert record["images_per_sec"] == pytest.approx(4 * record["steps_per_sec"])

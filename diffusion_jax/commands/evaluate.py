@@ -110,3 +110,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
 def run(prog: str = "diffusion-evaluate") -> None:
     """The console entry point (``diffusion-evaluate``; ``python evaluate.py`` calls it too)."""
     cli.run_command(main, prog)
+
+
+if __name__ == "__main__":  # python -m diffusion_jax.commands.evaluate
+    run()

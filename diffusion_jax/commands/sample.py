@@ -162,3 +162,7 @@ def main(argv=None, prog: str = "sample.py") -> int:
 def run(prog: str = "diffusion-sample") -> None:
     """The console entry point (``diffusion-sample``; ``python sample.py`` calls it too)."""
     cli.run_command(main, prog)
+
+
+if __name__ == "__main__":  # python -m diffusion_jax.commands.sample
+    run()

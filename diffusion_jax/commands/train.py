@@ -63,3 +63,7 @@ def main(argv=None, prog: str = "train.py") -> int:
 def run(prog: str = "diffusion-train") -> None:
     """The console entry point (``diffusion-train``; ``python train.py`` calls it too)."""
     cli.run_command(main, prog)
+
+
+if __name__ == "__main__":  # python -m diffusion_jax.commands.train
+    run()
