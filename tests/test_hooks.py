@@ -85,3 +85,20 @@ def test_tensorboard_gets_every_field_of_each_record_but_step_and_time(tmp_path)
     scalars = read_scalars(tmp_path)
     assert sorted(scalars) == ["grad_norm", "loss", "lr", "steps_per_sec"]  # not step, time
     assert scalars["loss"] == [(2, 0.5), (4, 0.25)]
+
+
+def test_sinks_made_before_a_failing_one_are_closed(tmp_path, monkeypatch):
+    closed = []
+
+    class Recorder(hooks.JsonlSink):
+        def close(self):
+            closed.append(self.path)
+
+    def broken(total, initial):
+        raise RuntimeError("no terminal")
+
+    monkeypatch.setattr(hooks, "JsonlSink", Recorder)
+    monkeypatch.setattr(hooks, "ProgressSink", broken)
+    with pytest.raises(RuntimeError, match="no terminal"):
+        hooks.sinks(str(tmp_path), 0, 10, progress=True, tensorboard=False)
+    assert closed == [str(tmp_path / "metrics.jsonl")]

@@ -161,6 +161,33 @@ def test_train_script_refuses_foreign_folder(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["thesis.tex"]
 
 
+def test_the_train_command_writes_tensorboard_unless_told_not_to(tmp_path, capsys, monkeypatch):
+    """By default a run's records also reach TensorBoard, the same values as metrics.jsonl
+    (the tiny preset as the session's straight run, so nothing compiles again)."""
+    from test_hooks import read_scalars
+
+    workdir = tmp_path / "run"
+    argv = ["--workdir", str(workdir), "--preset", "tiny", "--no_progress"]
+    assert train_script.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("training unet on mnist5k") and "done: 8 steps" in out
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    scalars = read_scalars(workdir / "tensorboard")
+    assert scalars["loss"] == pytest.approx([(r["step"], r["loss"]) for r in records], rel=1e-6)
+
+    # --no_tensorboard reaches training (checked on the call: a second run would cost a run)
+    class Called(Exception):
+        pass
+
+    def record_call(*args, **kwargs):
+        raise Called(kwargs)
+
+    monkeypatch.setattr(training, "train", record_call)
+    with pytest.raises(Called) as call:
+        train_script.main(["--workdir", str(tmp_path / "other"), "--no_tensorboard"])
+    assert call.value.args[0]["tensorboard"] is False
+
+
 def test_nan_data_stops_with_a_clear_error(tmp_path, tiny_data):
     poisoned = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
     with pytest.raises(training.TrainingDivergedError, match="non-finite for"):
