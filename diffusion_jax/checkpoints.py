@@ -56,9 +56,12 @@ def check_space(directory: str, trees, step: int) -> None:
 def save(mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data_shape) -> None:
     """Start an (asynchronous) save; call ``mngr.wait_until_finished()`` before exiting.
 
-    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling. Refuses
-    (OSError) before writing anything if the disk is nearly full.
+    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling. Waits
+    for the previous save, then refuses (OSError) before writing anything if the disk is nearly
+    full.
     """
+    # The previous save may still be writing in the background: measure the space it leaves.
+    mngr.wait_until_finished()
     check_space(str(mngr.directory), (state, ema_params), step)
     meta = {
         "project": PROJECT,
@@ -78,11 +81,42 @@ def save(mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data
     )
 
 
+def _step_folders(directory: str) -> list[int]:
+    """The steps of ``directory`` that look like our checkpoints (a numbered folder holding at
+    least one of our items), sorted; [] for a missing or unreadable folder."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return sorted(
+        int(d)
+        for d in names
+        if d.isdigit()
+        and any(os.path.isdir(os.path.join(directory, d, k)) for k in ("meta", "ema", "state"))
+    )
+
+
+def _not_a_run(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path!r} is not a {PROJECT} run: it holds no {SUBDIR}/STEP/ folders written by "
+        f"train.py. Pass the --workdir a training run was given (or one of its {SUBDIR}/STEP "
+        f"folders), or train one with `python train.py --workdir NEW_FOLDER`."
+    )
+
+
 def resolve(path: str) -> tuple[str, int | None]:
     """``(checkpoints_dir, step or None for the latest)`` for a workdir, its ``checkpoints``
     folder, or one step's folder inside it."""
     path = os.path.abspath(path)
+    parent, base = os.path.split(path)
     if not os.path.exists(path):
+        steps = _step_folders(parent)
+        if base.isdigit() and (steps or os.path.basename(parent) == SUBDIR):
+            # a step of an existing checkpoints folder, not a new workdir to train in
+            raise CheckpointError(
+                f"step {int(base)} does not exist in {parent!r}; its checkpoints are steps "
+                f"{steps or 'none'}: pass one of those folders, or the workdir for the latest."
+            )
         raise CheckpointError(
             f"no checkpoint at {path!r}: the path does not exist. Train one with "
             f"`python train.py --workdir {path}` or pass the workdir of an existing run."
@@ -91,21 +125,20 @@ def resolve(path: str) -> tuple[str, int | None]:
         raise CheckpointError(f"{path!r} is a file; pass a training workdir or checkpoint folder")
     if os.path.isdir(os.path.join(path, SUBDIR)):
         return os.path.join(path, SUBDIR), None
-    base = os.path.basename(path)
     if base.isdigit() and os.path.isdir(os.path.join(path, "meta")):
-        return os.path.dirname(path), int(base)
-    if any(d.isdigit() for d in os.listdir(path)):
+        return parent, int(base)
+    if _step_folders(path):
         return path, None
-    raise CheckpointError(
-        f"{path!r} holds no {PROJECT} checkpoints (expected a workdir containing "
-        f"{SUBDIR}/STEP/ folders written by train.py)"
-    )
+    raise _not_a_run(path)
 
 
 def _pick_step(mngr: ocp.CheckpointManager, directory: str, step: int | None) -> int:
     steps = mngr.all_steps()
     if not steps:
-        raise CheckpointError(f"{directory!r} holds no finished checkpoints")
+        raise CheckpointError(
+            f"{directory!r} holds no finished checkpoints (its run stopped before the first "
+            "save): resume training there with train.py, or pass another run's --workdir"
+        )
     if step is None:
         return max(steps)
     if step not in steps:
@@ -175,6 +208,56 @@ def _check_finite(tree, directory: str, step: int, all_steps) -> None:
         )
 
 
+# Adam's moments obey |mu| <= sqrt((1-b1)^2 / (1-b2) / (1 - b1^2/b2)) * sqrt(nu) (Cauchy-Schwarz
+# over the gradients' history), 7.3 * sqrt(nu) for optax's defaults b1=0.9, b2=0.999; the margin
+# and the absolute slack (float32 squares of gradients below 1e-19 flush to 0) keep every state a
+# real run writes inside the bound, while damaged bytes land outside it almost surely.
+_MU_OVER_SQRT_NU = 8.0
+_MU_SLACK = 1e-6
+
+
+def _adam_states(tree):
+    """The Adam states (anything with ``mu``, ``nu`` and ``count``) inside ``tree``."""
+    get = (lambda t, k: t[k]) if isinstance(tree, dict) else getattr
+    if all(_has(tree, k) for k in ("mu", "nu", "count")):
+        yield get(tree, "mu"), get(tree, "nu"), get(tree, "count")
+        return
+    if isinstance(tree, dict):
+        children = tree.values()
+    else:
+        children = tree if isinstance(tree, (list, tuple)) else ()
+    for child in children:
+        yield from _adam_states(child)
+
+
+def _has(tree, key: str) -> bool:
+    return key in tree if isinstance(tree, dict) else hasattr(tree, key)
+
+
+def _optimizer_fault(state) -> str | None:
+    """What is impossible in a restored training ``state`` ({step, params, opt_state}), or None.
+    Finite values can still be damage that no update could have produced: a negative second
+    moment (whose square root makes every later update NaN), a first moment too large for its
+    second moment, or an update count outside [0, step]."""
+    import jax
+    import numpy as np
+
+    def local(leaf):
+        return np.asarray(leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf)
+
+    step = int(local(state["step"]))
+    for mu, nu, count in _adam_states(state["opt_state"]):
+        if not 0 <= int(local(count)) <= step:
+            return f"an optimizer update count of {int(local(count))} at step {step}"
+        for m, n in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(nu)):
+            m, n = local(m), local(n)
+            if np.any(n < 0):
+                return "negative second moments (Adam's nu) in the optimizer state"
+            if np.any(np.abs(m) > _MU_OVER_SQRT_NU * np.sqrt(n) + _MU_SLACK):
+                return "first moments (Adam's mu) too large for their second moments"
+    return None
+
+
 def read_meta(mngr, directory: str, step: int) -> tuple[config_lib.Config, tuple[int, ...]]:
     """``(config, data_shape)`` stored with ``step``, after checking the checkpoint is ours."""
     meta = _restore(mngr, directory, step, meta=ocp.args.JsonRestore()).meta
@@ -201,6 +284,13 @@ def restore_train(mngr, directory: str, step: int, state_target, ema_target):
         ema=ocp.args.StandardRestore(ema_target),
     )
     _check_finite((r.state, r.ema), directory, step, mngr.all_steps())
+    fault = _optimizer_fault(r.state)
+    if fault:
+        raise CheckpointError(
+            f"checkpoint {os.path.join(directory, str(step))!r} holds {fault}, which training "
+            f"cannot produce: it is damaged and cannot be resumed. "
+            + _fallback(directory, step, mngr.all_steps())
+        )
     return r.state, r.ema
 
 
