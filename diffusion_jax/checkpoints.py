@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 
 import orbax.checkpoint as ocp
@@ -164,7 +165,12 @@ def _first_line(e: Exception) -> str:
     """An Orbax/TensorStore error cut to its first line (their later lines hold raw specs and
     advice, such as strict=False, that does not apply here)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+    first = text[0] if text else ""
+    shapes = re.match(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: "
+                      r"(\(.*?\))", first)
+    if shapes:  # Orbax goes on to advise strict=False, which would restore a cut-down array
+        return f"an array saved with shape {shapes[2]} is requested with shape {shapes[1]}"
+    return f"{type(e).__name__}: {first[:200]}"
 
 
 def _restore(mngr, directory: str, step: int, **items):

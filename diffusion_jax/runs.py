@@ -61,19 +61,53 @@ def resolve_config(saved, preset, overrides, allow_config_change=False) -> confi
     return requested
 
 
+def check_same_network(saved, saved_shape, config, data_shape) -> None:
+    """ConfigConflictError if the network of ``config`` on examples of ``data_shape`` has other
+    parameters (names or shapes) than the ``saved`` one on ``saved_shape``: its checkpoint could
+    not be restored into it, whatever --allow_config_change says. Only called when a model or
+    data field changed (tracing both networks' shapes costs a second or two)."""
+    import jax
+
+    from diffusion_jax import models
+
+    def shapes(cfg, shape):
+        params = models.abstract_params(models.build_model(cfg), (1, *shape))
+        leaves = jax.tree_util.tree_leaves_with_path(params)
+        return {jax.tree_util.keystr(path): x.shape for path, x in leaves}
+
+    before, after = shapes(saved, tuple(saved_shape)), shapes(config, tuple(data_shape))
+    if before == after:
+        return
+    example = min(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    reshaping = config_lib.sections()["model"] + config_lib.sections()["data"]
+    fields = [
+        f"{k}: saved {a!r}, requested {b!r}"
+        for k, (a, b) in config_lib.differences(saved, config).items()
+        if k in reshaping
+    ]
+    raise ConfigConflictError(
+        "the workdir's checkpoint (and its config.json) was written for a different network: "
+        f"{'; '.join(fields) or 'the data shape'} changes its parameters (e.g. {example}: "
+        f"saved {before.get(example, 'absent')}, now {after.get(example, 'absent')}), so it "
+        "cannot be resumed even with --allow_config_change. Resume with the network flags it "
+        "was trained with (or none of them), or train the new network in a new --workdir."
+    )
+
+
 def _saved(ckpt_dir: str):
-    """``(saved config, step)`` of the workdir's latest checkpoint, or ``(None, None)``. Process
-    0's view, so that every process restores the same step or none."""
+    """``(saved config, step, data shape)`` of the workdir's latest checkpoint, or
+    ``(None, None, None)``. Process 0's view, so that every process restores the same step or
+    none."""
     if not sharding.same_on_all_processes(os.path.isdir(ckpt_dir)):
-        return None, None
+        return None, None, None
     mngr = checkpoints.manager(ckpt_dir)
     try:
         latest = mngr.latest_step()
         step = sharding.same_on_all_processes(-1 if latest is None else latest)
         if step < 0:
-            return None, None
-        saved, _ = checkpoints.read_meta(mngr, ckpt_dir, step)
-        return saved, step
+            return None, None, None
+        saved, shape = checkpoints.read_meta(mngr, ckpt_dir, step)
+        return saved, step, shape
     finally:
         mngr.close()
 
@@ -91,10 +125,16 @@ def resolve_run(
     """The :class:`Run` of ``workdir`` (see :func:`training.train` for the arguments)."""
     workdir = os.path.abspath(workdir)
     ckpt_dir = os.path.join(workdir, checkpoints.SUBDIR)
-    saved, saved_step = _saved(ckpt_dir)
+    saved, saved_step, saved_shape = _saved(ckpt_dir)
     config = resolve_config(saved, preset, overrides, allow_config_change)
     if dataset is None:
         dataset = data.load_dataset(config)
+    reshaping = config_lib.sections()["model"] + config_lib.sections()["data"]
+    if saved is not None and (
+        set(config_lib.differences(saved, config)) & set(reshaping)
+        or tuple(saved_shape) != dataset.train_x.shape[1:]
+    ):
+        check_same_network(saved, saved_shape, config, dataset.train_x.shape[1:])
     mesh = sharding.data_mesh()
     sharding.check_batch_size(config.batch_size, mesh)
     sharding.check_num_shards(num_shards, mesh)
