@@ -78,6 +78,19 @@ def to_unit_range(x) -> np.ndarray:
     return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
+def fingerprint(dataset: Dataset) -> str:
+    """SHA-256 of the training examples and labels as loaded (dtype, shape and bytes): what a
+    resumed run must train on again. About 0.1 s for MNIST's 188 MB of float32 images."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in (dataset.train_x, dataset.train_y):
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------- IDX files
 
 

@@ -9,6 +9,8 @@ loop receives one :class:`Run` and nothing more.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 
 from diffusion_jax import checkpoints, data, sharding
@@ -59,6 +61,48 @@ def resolve_config(saved, preset, overrides, allow_config_change=False) -> confi
             "to continue with the new values."
         )
     return requested
+
+
+DATA_RECORD = "data.json"  # the fingerprint of the data a run trains on (data.fingerprint)
+
+
+def check_same_data(workdir: str, dataset: data.Dataset, resuming: bool, allow: bool) -> None:
+    """Record the training data's fingerprint in ``workdir/data.json`` (a new run, a run made
+    before the record existed, or an allowed change), or ConfigConflictError if a resumed run's
+    data differ from the recorded ones: the files in --data_dir replaced, say, which nothing
+    else would notice. Process 0 decides and writes; every process learns the outcome."""
+    path = os.path.join(workdir, DATA_RECORD)
+    now = {"dataset": dataset.name, "train_examples": int(dataset.train_x.shape[0])}
+    now["sha256"] = data.fingerprint(dataset)
+    recorded = None
+    if resuming and sharding.is_main_process():
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None  # a run from before the record: start recording now
+    differs = isinstance(recorded, dict) and recorded.get("sha256") != now["sha256"]
+    if sharding.same_on_all_processes(differs):
+        was = recorded or {}
+        change = (
+            f"the training data differ from those this run was trained on ({path}: "
+            f"{was.get('dataset')!r}, {was.get('train_examples')} examples, SHA-256 "
+            f"{str(was.get('sha256'))[:12]}...; now {now['dataset']!r}, {now['train_examples']} "
+            f"examples, SHA-256 {now['sha256'][:12]}...)"
+        )
+        if not allow:
+            raise ConfigConflictError(
+                f"{change}: were the files in --data_dir replaced? Restore the original data, "
+                "train in a new --workdir, or pass --allow_config_change to continue on the new "
+                "data."
+            )
+        # allowed (the flag also extends runs, so the change is never silent)
+        logging.getLogger(__name__).warning("%s; continuing on the new data", change)
+    if sharding.is_main_process() and recorded != now:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(now, f, indent=1)
+        os.replace(path + ".tmp", path)  # never a half-written record
 
 
 def check_same_network(saved, saved_shape, config, data_shape) -> None:
@@ -144,6 +188,7 @@ def resolve_run(
             f"examples of {dataset.name}"
             + (f" (in {num_shards} equal shards)" if num_shards > 1 else "")
         )
+    check_same_data(workdir, dataset, saved is not None, allow_config_change)
     end = config.num_steps if stop_after is None else min(config.num_steps, stop_after)
     return Run(
         workdir=workdir,

@@ -321,3 +321,14 @@ def test_classifier_floor_from_the_registry(known_as, floor, tmp_path, caplog, m
             ]
         else:
             assert warnings == []
+
+
+def test_the_fingerprint_follows_the_training_data(idx_folder):
+    folder, arrays = idx_folder
+    before = data.fingerprint(data.load_idx_folder(str(folder)))
+    assert before == data.fingerprint(data.load_idx_folder(str(folder)))
+    for name in os.listdir(folder):
+        if name.startswith("train-images"):
+            os.remove(folder / name)
+    write_idx(str(folder / "train-images-idx3-ubyte"), 255 - arrays["train_x"])
+    assert data.fingerprint(data.load_idx_folder(str(folder))) != before

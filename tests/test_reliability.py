@@ -320,3 +320,20 @@ def test_a_failed_restore_prints_one_line_and_no_stray_tracebacks(straight_run, 
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "could not be read" in proc.stderr, proc.stderr
+
+
+def test_a_resume_on_other_data_is_refused(tmp_path, tiny_data, caplog):
+    """IDX files replaced between runs went unnoticed: the resumed run trained on other data.
+    The data's fingerprint is recorded in data.json and a resume on other data is refused
+    (--allow_config_change continues, with a warning)."""
+    from diffusion_jax import runs
+
+    workdir = str(tmp_path / "run")
+    training.train(workdir, dataset=tiny_data, stop_after=4, **TINY)
+    assert (tmp_path / "run" / runs.DATA_RECORD).exists()
+    replaced = tiny_data._replace(train_x=np.ascontiguousarray(tiny_data.train_x[::-1]))
+    with pytest.raises(runs.ConfigConflictError, match="training data differ.*--data_dir"):
+        training.train(workdir, dataset=replaced, **TINY)
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
+    result = training.train(workdir, dataset=replaced, allow_config_change=True, **TINY)
+    assert int(result.state.step) == 8 and "continuing on the new data" in caplog.text
