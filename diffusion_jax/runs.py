@@ -14,6 +14,7 @@ import logging
 import os
 
 from diffusion_jax import checkpoints, data, sharding
+from diffusion_jax import workdir as workdir_lib
 from diffusion_jax import config as config_lib
 
 
@@ -63,7 +64,7 @@ def resolve_config(saved, preset, overrides, allow_config_change=False) -> confi
     return requested
 
 
-DATA_RECORD = "data.json"  # the fingerprint of the data a run trains on (data.fingerprint)
+DATA_RECORD = workdir_lib.DATA_RECORD
 
 
 def check_same_data(workdir: str, dataset: data.Dataset, resuming: bool, allow: bool) -> None:

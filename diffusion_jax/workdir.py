@@ -22,7 +22,7 @@ class WorkdirError(CheckpointError):
 def check_workdir(workdir: str) -> None:
     """Refuse to write into an existing folder that is not a workdir of ours."""
     if os.path.isdir(workdir) and os.listdir(workdir):
-        ours = {SUBDIR, "metrics.jsonl", "samples", "config.json", LOCK_NAME}
+        ours = {SUBDIR, "metrics.jsonl", "samples", "config.json", DATA_RECORD, LOCK_NAME}
         if not set(os.listdir(workdir)) & ours:
             raise WorkdirError(
                 f"{workdir!r} exists and is not a diffusion_jax workdir; choose a new or empty "
@@ -50,6 +50,7 @@ def check_creatable(workdir: str) -> None:
 
 
 LOCK_NAME = ".train.lock"
+DATA_RECORD = "data.json"  # the fingerprint of the data a run trains on (runs.check_same_data)
 
 
 @contextlib.contextmanager

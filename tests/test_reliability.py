@@ -27,7 +27,9 @@ def test_a_diverging_run_saves_nothing_after_its_last_good_step(tmp_path, tiny_d
     # checkpoints every 2 steps and a limit above the streak: only the end can catch it
     overrides = {"checkpoint_every": 2, "max_nonfinite_steps": 100}
     with pytest.raises(training.TrainingDivergedError, match=r"inside a streak of 4 .*\(4\)"):
-        training.train(workdir, dataset=poisoned, overrides=overrides, **TINY)
+        training.train(
+            workdir, dataset=poisoned, overrides=overrides, allow_config_change=True, **TINY
+        )
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]
 
 
@@ -337,3 +339,8 @@ def test_a_resume_on_other_data_is_refused(tmp_path, tiny_data, caplog):
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["4"]
     result = training.train(workdir, dataset=replaced, allow_config_change=True, **TINY)
     assert int(result.state.step) == 8 and "continuing on the new data" in caplog.text
+
+
+def test_a_run_that_stopped_after_recording_its_data_is_still_ours(tmp_path):
+    (tmp_path / workdir_lib.DATA_RECORD).write_text("{}")
+    workdir_lib.check_workdir(str(tmp_path))  # a rerun may use it
