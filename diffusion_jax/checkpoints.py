@@ -99,8 +99,8 @@ def _step_folders(directory: str) -> list[int]:
 
 def _not_a_run(path: str) -> CheckpointError:
     return CheckpointError(
-        f"{path!r} is not a {PROJECT} run: it holds no {SUBDIR}/STEP/ folders written by "
-        f"train.py. Pass the --workdir a training run was given (or one of its {SUBDIR}/STEP "
+        f"{path!r} is not a {PROJECT} run: it holds no {PROJECT} checkpoints ({SUBDIR}/STEP/ "
+        f"folders written by train.py). Pass the --workdir a training run was given (or one of its {SUBDIR}/STEP "
         f"folders), or train one with `python train.py --workdir NEW_FOLDER`."
     )
 
