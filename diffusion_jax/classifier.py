@@ -164,7 +164,9 @@ def train_classifier(
     return clf._replace(test_accuracy=accuracy(clf, dataset.test_x, dataset.test_y))
 
 
-def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> None:
+def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> bool:
+    """Caches ``clf`` in ``directory``: True, or False when another process's complete cache
+    got there first (ours is then discarded; :func:`load` reads theirs)."""
     meta = {
         "kind": KIND,
         "recipe": RECIPE,
@@ -191,9 +193,24 @@ def save(clf: TrainedClassifier, directory: str, dataset_name: str) -> None:
             mngr.wait_until_finished()
         if _unfinished(directory):
             shutil.rmtree(directory)
-        os.replace(tmp, directory)  # fails if the folder holds anything else: nothing is lost
+        try:
+            os.replace(tmp, directory)  # fails if the folder holds anything else
+        except OSError:
+            # another process (a second evaluate.py on the same cache) finished first: its
+            # complete cache stands, ours is dropped; anything else in the way is an error
+            if not _complete(directory):
+                raise
+            logger.info(f"{directory} was written by another process meanwhile: using it")
+            return False
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _complete(directory: str) -> bool:
+    """Whether ``directory`` holds a finished save (a step renamed to its final name)."""
+    entries = os.listdir(directory) if os.path.isdir(directory) else []
+    return any(".orbax-checkpoint-tmp" not in e for e in entries) and not _unfinished(directory)
 
 
 def _unfinished(directory: str) -> bool:
@@ -263,7 +280,8 @@ def get_classifier(dataset, directory: str | None = None, **train_kw):
         if _unfinished(directory):
             logger.info(f"{directory} holds only an unfinished (interrupted) save: retraining")
         clf = train_classifier(dataset, **train_kw)
-        save(clf, directory, dataset.name)
+        if not save(clf, directory, dataset.name):
+            clf = load(directory, dataset)  # the concurrent writer's, checked like any cache
         logger.info(
             f"classifier trained and saved to {directory}: test accuracy {clf.test_accuracy:.4f}"
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import NamedTuple
 
 import jax
@@ -23,8 +24,14 @@ from diffusion_jax import classifier as classifier_lib
 from diffusion_jax import data, generation, metrics, solvers
 from diffusion_jax import images as images_lib
 from diffusion_jax.cli import parse_list
+from diffusion_jax.evaluation_plots import plot_sweep
 
 logger = logging.getLogger(__name__)
+
+
+# A Frechet distance compares covariances, which need at least two samples; fewer would write
+# NaN. (metrics.feature_statistics warns when the count is below the feature dimension.)
+MIN_SAMPLES = 2
 
 
 class SamplerSpec(NamedTuple):
@@ -66,6 +73,11 @@ def check_images(images, expected_shape) -> np.ndarray:
         )
     if len(images) == 0:
         raise ValueError("there are no samples (an array of shape (0, ...))")
+    if len(images) < MIN_SAMPLES:
+        raise ValueError(
+            f"{len(images)} sample is too few: a Frechet distance needs at least {MIN_SAMPLES} "
+            "(a covariance), and hundreds to mean much (sample.py --num 1000)"
+        )
     if images.dtype == np.uint8:
         return data.to_model_range(images)
     if not np.issubdtype(images.dtype, np.floating):
@@ -119,8 +131,10 @@ class Reference:
 def evaluate_images(reference: Reference, images, labels) -> dict:
     """Metrics of generated images (N, H, W, C) in [-1, 1] asked to be ``labels`` (N,)."""
     labels = np.asarray(labels)
-    probs, feats = classifier_lib.predict(reference.clf, images)
     n = len(images)
+    if n < MIN_SAMPLES:
+        raise ValueError(f"{n} samples: a Frechet distance needs at least {MIN_SAMPLES}")
+    probs, feats = classifier_lib.predict(reference.clf, images)
     floors = dict(reference.floors(n))
     test_index = floors.pop("test_index")
     row = {
@@ -182,9 +196,16 @@ def sweep(
     labels = np.repeat(np.arange(config.num_classes), per_class)
     runs = [(guidance_spec, w) for w in ws] + [(s, steps_w) for s in sampler_specs]
     runs = list(dict.fromkeys(runs))
+    calls = network_calls(runs, len(labels), batch_size)
+    logger.info(
+        f"this sweep makes {calls} network calls ({len(runs)} runs of {len(labels)} samples at "
+        f"batch {batch_size}); on a CPU that can take hours: try --per_class 10 and fewer "
+        "--w/--samplers first. The time it will take is printed after the first run."
+    )
     bar = _bar(len(runs), progress)
     rows = []
-    for spec, w in runs:
+    started = time.monotonic()
+    for index, (spec, w) in enumerate(runs):
         chunks = []
         for i in range(0, len(labels), batch_size):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
@@ -217,6 +238,10 @@ def sweep(
             **evaluate_images(reference, np.concatenate(chunks), labels),
         }
         rows.append(row)
+        if index == 0 and len(runs) > 1:
+            done = network_calls(runs[:1], len(labels), batch_size)
+            left = (time.monotonic() - started) / done * (calls - done)
+            logger.info(f"the other {len(runs) - 1} runs will take about {left / 3600:.1f} h")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(fd=f"{row['fd']:.2f}", acc=f"{row['accuracy']:.3f}")
@@ -233,13 +258,36 @@ def sweep(
         "sampler_options": {k: v for k, v in sampler_options.items() if v is not None},
     }
     with images_lib.written(outputs["json"]) as tmp, open(tmp, "w") as f:
-        json.dump({**header, "rows": rows}, f, indent=1)
+        f.write(to_json({**header, "rows": rows}))
     with images_lib.written(outputs["md"]) as tmp, open(tmp, "w") as f:
         f.write(markdown_table(rows, header))
     plot_sweep(rows, guidance_spec, steps_w, outputs)
     for path in outputs.values():
         logger.info(f"wrote {path}")
     return rows
+
+
+def network_calls(runs: list[tuple[SamplerSpec, float]], n: int, batch_size: int) -> int:
+    """Denoiser calls of sampling ``n`` images per run in batches of ``batch_size``: one per step
+    and batch (a guided batch is one call on twice the images)."""
+    return sum(spec.steps for spec, _ in runs) * -(-n // batch_size)
+
+
+def to_json(obj) -> str:
+    """``obj`` as strict JSON: a NaN or infinite number becomes null (with a warning naming
+    it), never the bare ``NaN`` that JSON readers refuse."""
+
+    def clean(x, where):
+        if isinstance(x, dict):
+            return {k: clean(v, f"{where}.{k}" if where else k) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, float) and not np.isfinite(x):
+            logger.warning(f"WARNING: {where} is {x}; written as null")
+            return None
+        return x
+
+    return json.dumps(clean(obj, ""), indent=1, allow_nan=False)
 
 
 def markdown_table(rows: list[dict], header: dict) -> str:
@@ -269,66 +317,6 @@ def markdown_table(rows: list[dict], header: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = [r for r in rows if (r["sampler"], r["steps"]) == tuple(guidance_spec)]
-    g.sort(key=lambda r: r["w"])
-    fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    ax.plot([r["is"] for r in g], [r["fd"] for r in g], "o-")
-    for r in g:
-        ax.annotate(
-            f"w={r['w']:g}",
-            (r["is"], r["fd"]),
-            fontsize=8,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    if g:
-        ax.axhline(g[0]["floor_fd"], ls="--", c="gray", lw=1, label="real train vs test")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("classifier Inception Score")
-    ax.set_ylabel("Frechet classifier distance")
-    ax.set_title(f"guidance trade-off ({guidance_spec})", fontsize=9)
-    fig.tight_layout()
-    with images_lib.written(outputs["tradeoff"]) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    ax.plot([r["w"] for r in g], [r["accuracy"] for r in g], "o-")
-    ax.set_xlabel("guidance w")
-    ax.set_ylabel("conditional accuracy")
-    ax.set_ylim(0, 1.02)
-    fig.tight_layout()
-    with images_lib.written(outputs["accuracy"]) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    for method in dict.fromkeys(r["sampler"] for r in rows):
-        s = sorted(
-            (r for r in rows if r["sampler"] == method and r["w"] == steps_w),
-            key=lambda r: r["nfe"],
-        )
-        if s:
-            ax.plot([r["nfe"] for r in s], [r["fd"] for r in s], "o-", label=method)
-    if g:
-        ax.axhline(g[0]["floor_fd"], ls="--", c="gray", lw=1, label="real train vs test")
-    ax.set_xscale("log")
-    ax.set_xlabel("network evaluations per sample (NFE)")
-    ax.set_ylabel("Frechet classifier distance")
-    ax.set_title(f"w = {steps_w:g}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with images_lib.written(outputs["steps"]) as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-
-
 def evaluate_npz(
     path: str,
     config,
@@ -353,6 +341,16 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise ValueError(f"{path!r} is an empty file, not an .npz of samples")
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            head = f.read(512)
+        # numpy loads anything that is neither a zip nor a .npy as a pickle and refuses it with
+        # "allow_pickle=False" advice, which would mislead: name what the file is instead
+        if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x93NUMPY")):
+            raise ValueError(
+                f"{path!r} is not an .npz archive (it starts like {_describe(head)}); expected "
+                "an .npz with 'samples' (N, H, W, C) and 'labels' (N,), as sample.py writes it"
+            )
     try:
         npz = np.load(path)
     except unreadable as e:
@@ -373,6 +371,16 @@ def read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
             return np.asarray(npz["samples"]), np.asarray(npz["labels"])
         except unreadable as e:
             raise ValueError(f"cannot read the arrays of {path!r}: {e}") from e
+
+
+def _describe(head: bytes) -> str:
+    """A few words on what the first bytes of a file look like (for error messages)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"binary data {head[:8]!r}"
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"text: {first!r}"
 
 
 def check_labels(labels, n: int, num_classes: int, null_label: int, path: str) -> np.ndarray:

@@ -337,6 +337,11 @@ def test_npz_mistakes_end_in_one_line(straight_run, tiny_classifier_dir, tmp_pat
     cases["empty.npz"] = (None, "is an empty file")
     np.save(tmp_path / "bare.npy", u8)
     cases["bare.npy"] = (None, "holds a single array, not an .npz archive")
+    # numpy would advise allow_pickle=True for a text file (issue 25)
+    (tmp_path / "notes.npz").write_text("step,loss\n1,0.5\n")
+    cases["notes.npz"] = (None, "is not an .npz archive (it starts like text: 'step,loss')")
+    np.savez(tmp_path / "one.npz", samples=u8[:1], labels=np.array([3]))  # FD would be NaN
+    cases["one.npz"] = (None, "1 sample is too few: a Frechet distance needs at least 2")
     for name, (_, message) in cases.items():
         argv = ["--workdir", workdir, "--npz", str(tmp_path / name)]
         with pytest.raises(SystemExit) as exit_info:
@@ -344,6 +349,45 @@ def test_npz_mistakes_end_in_one_line(straight_run, tiny_classifier_dir, tmp_pat
         err = capsys.readouterr().err
         assert exit_info.value.code == 2, name
         assert message in err and err.count("\n") == 1, (name, err)
+        assert "allow_pickle" not in err
+
+
+def test_json_is_strict_a_nan_becomes_null(caplog):
+    text = evaluation.to_json({"rows": [{"fd": float("nan"), "is": 2.0}], "x": np.float64(1)})
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert parsed == {"rows": [{"fd": None, "is": 2.0}], "x": 1.0}
+    assert "rows[0].fd is nan; written as null" in caplog.text
+
+
+def test_a_concurrent_classifier_cache_write_is_used_not_an_error(tiny_classifier_dir, tiny_data):
+    """Two evaluate.py runs train a classifier for the same new cache: the second rename finds
+    the first's complete cache (Errno 39 before issue 25's fix), keeps it and reads it."""
+    clf = classifier.load(tiny_classifier_dir, tiny_data)
+    target = tiny_classifier_dir + "-shared"
+    classifier.save(clf, target, tiny_data.name)
+    assert classifier.save(clf, target, tiny_data.name) is False  # the race lost: no error
+    parent = os.path.dirname(target)
+    assert not [e for e in os.listdir(parent) if ".partial-" in e]  # our copy is removed
+    loaded = classifier.get_classifier(tiny_data, target)
+    assert loaded.test_accuracy == clf.test_accuracy
+
+
+def test_help_shows_each_default(capsys):
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for default in ("0,0.5,1,2,4", "ddim:50", "100", "1000", "0", "WORKDIR/eval"):
+        assert f"(default: {default})" in out, default
+    assert "(default: ddpm,ddim:100," in out
+
+
+def test_network_calls_of_the_default_sweep():
+    spec = evaluation.SamplerSpec
+    runs = [(spec("ddim", 50), w) for w in (0, 0.5, 1, 2, 4)]
+    runs += [(s, 1.0) for s in evaluation.parse_samplers("ddpm,ddim:50,dpmpp2m:10", 1000)]
+    runs = list(dict.fromkeys(runs))  # (ddim:50, w=1) once, as in the sweep
+    assert evaluation.network_calls(runs, 1000, 1000) == 250 + 1000 + 10
+    assert evaluation.network_calls(runs, 1001, 1000) == 2 * 1260
 
 
 @pytest.mark.parametrize(

@@ -11,14 +11,27 @@ cached (DIFFUSION_JAX_CACHE, default ~/.cache/diffusion_jax).
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
 
 from diffusion_jax import cli
 
 
+class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Adds "(default: X)" to each flag's help, unless the help already names its default or
+    there is none to show (None, a switch's False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = action.default is None or action.default is False
+        if quiet or action.default == argparse.SUPPRESS or "(default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def main(argv=None, prog: str = "evaluate.py") -> int:
     parser = cli.command_parser(prog, __doc__)
+    parser.formatter_class = _DefaultsFormatter
     parser.add_argument("--workdir", required=True, help="training run (or checkpoint folder)")
     parser.add_argument("--npz", help="evaluate these samples (from sample.py) instead of sweeping")
     parser.add_argument("--w", default="0,0.5,1,2,4", help="guidance weights to sweep")
@@ -38,9 +51,14 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         help="guidance weight of the step sweep (default: the run's config)",
     )
     parser.add_argument("--per_class", type=int, default=100, help="samples per class")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the samples")
     parser.add_argument("--batch_size", type=int, default=1000, help="samples per sampler call")
-    parser.add_argument("--classifier_dir", default=None, help="classifier cache folder")
+    parser.add_argument(
+        "--classifier_dir",
+        default=None,
+        help="classifier cache folder (default: a folder per data set under "
+        "$DIFFUSION_JAX_CACHE, or ~/.cache/diffusion_jax)",
+    )
     parser.add_argument(
         "--classifier_epochs",
         type=int,
@@ -48,9 +66,9 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         help="epochs when the classifier is first trained (default: about 700 steps, at "
         "least 6 epochs)",
     )
-    parser.add_argument("--out", default=None, help="output folder (default WORKDIR/eval)")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     cli.add_sampler_flags(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
@@ -81,7 +99,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
                 classifier_dir=args.classifier_dir,
                 classifier_epochs=args.classifier_epochs,
             )
-            print(json.dumps(row, indent=1))
+            print(evaluation.to_json(row))
             return 0
         config, _ = checkpoints.read_config(args.workdir)
         T = config.num_timesteps
