@@ -98,10 +98,11 @@ def _step_folders(directory: str) -> list[int]:
 
 
 def _not_a_run(path: str) -> CheckpointError:
+    """The error for a folder that holds nothing of ours (empty, or unrelated files)."""
     return CheckpointError(
         f"{path!r} is not a {PROJECT} run: it holds no {PROJECT} checkpoints ({SUBDIR}/STEP/ "
-        f"folders written by train.py). Pass the --workdir a training run was given (or one of its {SUBDIR}/STEP "
-        f"folders), or train one with `python train.py --workdir NEW_FOLDER`."
+        f"folders written by train.py). Pass the --workdir a training run was given (or one "
+        f"of its {SUBDIR}/STEP folders), or train one with `python train.py --workdir NEW`."
     )
 
 

@@ -23,7 +23,7 @@ def test_a_folder_that_is_no_run_is_not_called_damaged(tmp_path, contents):
     with pytest.raises(checkpoints.CheckpointError) as info:
         checkpoints.read_config(str(tmp_path))
     message = str(info.value)
-    assert "is not a diffusion_jax run" in message and "python train.py --workdir" in message
+    assert "is not a diffusion_jax run" in message and "python train.py --workdir NEW" in message
     assert "damaged" not in message
 
 
