@@ -62,7 +62,8 @@ def tradeoff_figure(g: list[dict], guidance_spec):
     ax.plot([r["is"] for r in g], [r["fd"] for r in g], "o-")
     if g:
         ax.axhline(g[0]["floor_fd"], ls="--", c="gray", lw=1, label="real train vs test")
-        ax.legend(fontsize=8, loc="upper left")
+        # above the axes: inside them it would cover the points of one sweep or another
+        fig.legend(fontsize=8, loc="outside upper right", frameon=False)
     ax.set_xlabel("classifier Inception Score")
     ax.set_ylabel("Frechet classifier distance")
     ax.set_title(f"guidance trade-off ({guidance_spec})", fontsize=9)
@@ -70,8 +71,6 @@ def tradeoff_figure(g: list[dict], guidance_spec):
     fig.canvas.draw()  # settles the layout, so that text extents are final
     renderer = fig.canvas.get_renderer()
     taken = [t.get_window_extent(renderer) for t in _texts(fig)]
-    if g:
-        taken.append(ax.get_legend().get_window_extent(renderer))
     for r in g:  # the markers: a label must not hide a neighbouring point
         x, y = ax.transData.transform((r["is"], r["fd"]))
         taken.append(Bbox.from_extents(x - 4, y - 4, x + 4, y + 4))

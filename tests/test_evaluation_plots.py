@@ -30,7 +30,7 @@ def test_tradeoff_texts_do_not_overlap(points):
     labels = [t.get_text() for t in texts]
     assert {f"w={w:g}" for w, _, _ in points} <= set(labels)
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
-    boxes.append(("legend", fig.axes[0].get_legend().get_window_extent(renderer)))
+    boxes.append(("legend", fig.legends[0].get_window_extent(renderer)))
     overlapping = [
         (a, b)
         for (a, box_a), (b, box_b) in itertools.combinations(boxes, 2)
