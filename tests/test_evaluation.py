@@ -107,7 +107,7 @@ def tiny_classifier_dir(tmp_path_factory, tiny_data):
     return directory
 
 
-def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path):
+def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path, capsys):
     workdir, _ = straight_run
     out = str(tmp_path / "eval")
     args = [
@@ -128,6 +128,10 @@ def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path):
         "--no_progress",
     ]
     assert evaluate_script.main(args) == 0
+    printed = capsys.readouterr().out
+    # its cost up front (2 + 2 + 20 + 3 steps, one batch each), the time left after one run
+    assert "this sweep makes 27 network calls (4 runs of 20 samples at batch 1000)" in printed
+    assert "the other 3 runs will take about" in printed
     assert sorted(os.listdir(out)) == [
         "accuracy_vs_w.png",
         "fd_vs_is.png",
