@@ -106,6 +106,11 @@ def check_same_data(workdir: str, dataset: data.Dataset, resuming: bool, allow: 
         os.replace(path + ".tmp", path)  # never a half-written record
 
 
+def _reshaping_fields() -> set[str]:
+    """The config fields that may change a network's parameters: the model and data sections."""
+    return set(config_lib.sections()["model"] + config_lib.sections()["data"])
+
+
 def check_same_network(saved, saved_shape, config, data_shape) -> None:
     """ConfigConflictError if the network of ``config`` on examples of ``data_shape`` has other
     parameters (names or shapes) than the ``saved`` one on ``saved_shape``: its checkpoint could
@@ -124,11 +129,10 @@ def check_same_network(saved, saved_shape, config, data_shape) -> None:
     if before == after:
         return
     example = min(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    reshaping = config_lib.sections()["model"] + config_lib.sections()["data"]
     fields = [
         f"{k}: saved {a!r}, requested {b!r}"
         for k, (a, b) in config_lib.differences(saved, config).items()
-        if k in reshaping
+        if k in _reshaping_fields()
     ]
     raise ConfigConflictError(
         "the workdir's checkpoint (and its config.json) was written for a different network: "
@@ -174,9 +178,8 @@ def resolve_run(
     config = resolve_config(saved, preset, overrides, allow_config_change)
     if dataset is None:
         dataset = data.load_dataset(config)
-    reshaping = config_lib.sections()["model"] + config_lib.sections()["data"]
     if saved is not None and (
-        set(config_lib.differences(saved, config)) & set(reshaping)
+        set(config_lib.differences(saved, config)) & _reshaping_fields()
         or tuple(saved_shape) != dataset.train_x.shape[1:]
     ):
         check_same_network(saved, saved_shape, config, dataset.train_x.shape[1:])
