@@ -264,10 +264,11 @@ def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, re
     samples = np.asarray(result.samples)
     T, method, steps = config.num_timesteps, kw["method"], kw["steps"]
     if len(data_shape) == 1:
+        # the reference is the full ancestral chain: all T steps, so uniform spacing (the
+        # few-step sampler's spacing, e.g. dpmpp2m's logsnr, cannot place T steps)
+        reference = dict(kw, method="ddpm", steps=T, spacing="uniform", eta=0.0)
         full = np.asarray(
-            generate(
-                config, model, params, data_shape, labels, key, **dict(kw, method="ddpm", steps=T)
-            ).samples
+            generate(config, model, params, data_shape, labels, key, **reference).samples
         )
         real = data.load_dataset(config).test_x[: len(labels)]
         images.save_toy2d_plot(

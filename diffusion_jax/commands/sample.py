@@ -96,6 +96,14 @@ def main(argv=None, prog: str = "sample.py") -> int:
     )
     cli.add_sampler_flags(parser)
     args = parser.parse_args(argv)
+    # flags the chosen mode would ignore are usage errors, before any checkpoint is read
+    if args.morph is not None:
+        for flag in ("labels", "per_class"):
+            if getattr(args, flag) is not None:
+                parser.error(f"--{flag} has no effect with --morph (it morphs the LABELS given "
+                             "to --morph); drop it")
+    if args.images is not None and args.inpaint is None:
+        parser.error("--images is only read with --inpaint MASK; add --inpaint or drop --images")
     cli.setup_logging()
 
     from diffusion_jax import config as config_lib

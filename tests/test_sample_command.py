@@ -1,0 +1,40 @@
+"""sample.py's defects from issue 25: the toy2d reference chain, flags that would be ignored."""
+
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax import generation, training
+from diffusion_jax.commands import sample
+
+
+def test_toy2d_reference_chain_places_all_steps_under_dpmpp2m(tmp_path):
+    # dpmpp2m's logsnr spacing places at most T-1 of T=20 cosine steps: the full-length
+    # reference chain used to inherit it and fail with "num_steps must be in [1, 19]"
+    workdir = str(tmp_path / "toy")
+    overrides = dict(num_steps=2, steps_per_dispatch=2, log_every=2, checkpoint_every=2,
+                     mlp_hidden=8, mlp_layers=1, num_timesteps=20, sample_steps=5)
+    training.train(workdir, preset="toy2d", overrides=overrides, progress=False,
+                   tensorboard=False)
+    paths = generation.sample_to_files(workdir, per_class=4, method="dpmpp2m", steps=3)
+    assert sorted(paths) == ["samples", "toy2d"]
+    assert np.load(paths["samples"])["samples"].shape == (20, 2)
+    assert os.path.getsize(paths["toy2d"]) > 1000
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--morph", "--labels", "1,2"], "--labels"),
+        (["--morph", "0,1", "--per_class", "3"], "--per_class"),
+        (["--images", "x.npz"], "--images"),
+    ],
+)
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, argv, words):
+    missing = str(tmp_path / "no_such_run")  # refused before any checkpoint is read
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--workdir", missing, *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "no_such_run" not in err
