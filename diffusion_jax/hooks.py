@@ -11,6 +11,7 @@ bar (:class:`ProgressSink`, which also advances after each dispatch). A sink is 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -20,12 +21,22 @@ import numpy as np
 
 from diffusion_jax import images, sharding
 
+logger = logging.getLogger("diffusion_jax.training")
+
+# Signals that stop training with a checkpoint (SIGHUP: the terminal or SSH session closed).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
 # Record fields that are not plotted in TensorBoard (its x axis, and the wall clock).
 NOT_PLOTTED = ("step", "time")
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between dispatches.
+    """Turns SIGINT/SIGTERM/SIGHUP into a flag the loop checks between dispatches.
+
+    A second signal exits at once (status 128 + its number), saying that nothing more was
+    saved: the user asked twice, so waiting for the dispatch and the checkpoint is not wanted.
 
     With several processes the loop acts on a signal only through :meth:`agree`, which every
     process calls after every dispatch: a checkpoint is a collective operation, so all of them
@@ -38,7 +49,7 @@ class StopFlag:
         self._previous = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
@@ -46,6 +57,11 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self.received is not None:
+            # (os.write and os._exit: safe inside a handler, and no traceback)
+            os.write(2, f"\nsignal {signum} received again: exiting now; nothing more was "
+                     "saved (resume from the last checkpoint)\n".encode())
+            os._exit(128 + signum)
         self.received = signum
         if jax.process_count() == 1:
             self.signal = signum
@@ -60,6 +76,14 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def wait_ready(tree, poll_seconds: float = 0.01) -> None:
+    """Wait until every array of ``tree`` is computed, polling rather than blocking in C++,
+    so that Python signal handlers (a Ctrl-C, a SIGTERM) run while a dispatch is computing."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    while not all(x.is_ready() for x in leaves):
+        time.sleep(poll_seconds)
 
 
 class MetricsWindow:
@@ -117,18 +141,31 @@ class JsonlSink:
 
 
 def drop_records_after(path: str, step: int) -> None:
-    """Keep only the records of steps <= ``step`` in the metrics file ``path``."""
-    with open(path) as f:
+    """Keep only the records of steps <= ``step`` in the metrics file ``path``.
+
+    A line that is not a record (bad bytes, a line cut short by a crash) does not block the
+    resume; it is dropped, but the file as it was is first kept as ``path + ".bak"`` and a
+    warning names both files, so no data the user had is lost silently.
+    """
+    with open(path, "rb") as f:
         lines = f.readlines()
-    keep = []
+    keep, damaged = [], 0
     for line in lines:
         try:
-            if json.loads(line)["step"] <= step:
+            if json.loads(line.decode("utf-8"))["step"] <= step:
                 keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            pass  # a line cut short by a crash
+        except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
+            damaged += 1
+    if damaged:
+        backup = path + ".bak"
+        with images.written(backup) as tmp, open(tmp, "wb") as f:
+            f.writelines(lines)
+        logger.warning(
+            f"{path}: {damaged} line(s) are not JSON records (damaged bytes or a line cut short "
+            f"by a crash) and were dropped; the file as it was is kept in {backup}"
+        )
     if len(keep) != len(lines):
-        with images.written(path) as tmp, open(tmp, "w") as f:
+        with images.written(path) as tmp, open(tmp, "wb") as f:
             f.writelines(keep)
 
 

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -28,6 +29,12 @@ from diffusion_jax.schedules import make_schedule
 logger = logging.getLogger(__name__)
 # (raised by train; defined with the run resolution)
 ConfigConflictError = runs.ConfigConflictError
+
+
+# A dispatch's wall time is kept near this (its step count adapts from measured step times),
+# so a stop signal is acted on within about this long even on a slow CPU; on a GPU a dispatch of
+# steps_per_dispatch steps is far shorter and the cap never binds.
+DISPATCH_SECONDS = 10.0
 
 
 class TrainingDivergedError(RuntimeError):
@@ -208,8 +215,10 @@ def _make_train_steps(config, mesh, num_shards):
                 state, values = one_step(state, train_x, train_y)
                 return state, jax.tree_util.tree_map(jnp.add, sums, values)
 
-            # (the metrics' structure, from a trace that runs nothing)
-            shapes = jax.eval_shape(one_step, state, train_x, train_y)[1]
+            # The metrics' structure, from step_metrics alone: tracing one_step for it would
+            # trace the whole step a second time.
+            loss = jax.ShapeDtypeStruct((), jnp.float32)
+            shapes = jax.eval_shape(step_metrics, loss, state.params)
             zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
             return jax.lax.fori_loop(0, num_steps, body, (state, zeros))
 
@@ -317,6 +326,21 @@ def _diverged(step, streak, last_good, during_run: bool) -> TrainingDivergedErro
     )
 
 
+def _last_good(mngr) -> str:
+    """Where the last good checkpoint is, for a message (there may be none yet)."""
+    step = mngr.latest_step()
+    if step is None:
+        return "none: no checkpoint has been saved yet, so a new run starts from step 0"
+    return f"step {step}"
+
+
+def next_dispatch_steps(cap: int, elapsed: float, n: int, limit: float = DISPATCH_SECONDS) -> int:
+    """The step cap of the next dispatch, after one of ``n`` steps took ``elapsed`` seconds:
+    as many steps as fit in ``limit`` seconds, at most twice ``cap`` (at least 1)."""
+    fit = int(limit * n / max(elapsed, 1e-9))
+    return max(1, min(2 * max(cap, 1), fit))
+
+
 def _grid_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "samples", f"step_{step:07d}.png")
 
@@ -339,7 +363,7 @@ def _checkpoint(run: runs.Run, mngr, step: int, state: TrainState) -> int:
         _say(
             run,
             f"step {step}: not saved: the last {streak} updates were non-finite and skipped "
-            f"(last good checkpoint: {mngr.latest_step()})",
+            f"(last good checkpoint: {_last_good(mngr)})",
         )
     return streak
 
@@ -380,7 +404,8 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
     window = hooks.MetricsWindow(start, learning_rate(config), config.batch_size)
     sinks = []
     step, interrupted, streak = start, False, 0
-    cpu_collectives = jax.local_device_count() > 1 and jax.local_devices()[0].platform == "cpu"
+    # The first dispatch is one step; later ones as many as fit in DISPATCH_SECONDS.
+    cap = 1
     try:
         if run.is_main:
             sinks = hooks.sinks(
@@ -396,14 +421,19 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
             while step < run.end:
                 # Chunks end on every logging/checkpoint/sample boundary, so those are exact.
                 n = min(
-                    config.steps_per_dispatch, run.end - step, *[e - step % e for e in events if e]
+                    cap,
+                    config.steps_per_dispatch,
+                    run.end - step,
+                    *[e - step % e for e in events if e],
                 )
                 state, sums = train_steps(state, train_x, train_y, n)
-                if cpu_collectives:
-                    # XLA:CPU deadlocks in the all-reduce when many dispatches of a multi-device
-                    # program are queued (jax 0.10.2, 2 virtual devices, ~50 dispatches in), so
-                    # each dispatch finishes before the next is queued.
-                    jax.block_until_ready(sums)
+                # One dispatch in flight at a time, waited for by polling so that a signal's
+                # handler runs meanwhile (a blocking read would hold it until the dispatch
+                # ends). This also keeps XLA:CPU's all-reduce from deadlocking, which it does
+                # with many multi-device dispatches queued (jax 0.10.2).
+                queued = time.perf_counter()  # (after the call: compiling is not timed)
+                hooks.wait_ready(sums)
+                cap = next_dispatch_steps(cap, time.perf_counter() - queued, n)
                 step += n
                 window.add(sums)
                 for sink in sinks:
@@ -413,7 +443,7 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
                     for sink in sinks:
                         sink.write(record)
                     if record["nonfinite_skipped"] >= config.max_nonfinite_steps:
-                        raise _diverged(step, record["nonfinite_skipped"], mngr.latest_step(), True)
+                        raise _diverged(step, record["nonfinite_skipped"], _last_good(mngr), True)
                 if grids is not None and step % config.sample_every == 0:
                     grids(state.ema_params, _grid_path(workdir, step))
                 stop.agree()
@@ -431,7 +461,7 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
                     )
                     break
             if step == config.num_steps and streak:
-                raise _diverged(step, streak, mngr.latest_step(), False)
+                raise _diverged(step, streak, _last_good(mngr), False)
     finally:
         for sink in sinks:
             sink.close()
