@@ -242,9 +242,10 @@ def sample_to_files(
     if not np.all(np.isfinite(samples)):
         raise ValueError(
             f"{np.sum(~np.isfinite(samples))} sample values are NaN or infinite, so nothing was "
-            f"written: the parameters of {workdir!r} step {step} give non-finite outputs (a "
-            "diverged run?). Sample from an earlier checkpoint with --workdir "
-            f"{os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
+            f"written. {_nonfinite_causes(config, w, method, steps, spacing, eta, settings)}"
+            f"If the settings are the run's defaults, the parameters of {workdir!r} step {step} "
+            "give non-finite outputs (a diverged run?): sample from an earlier checkpoint with "
+            f"--workdir {os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
         )
     from diffusion_jax import images
 
@@ -255,6 +256,23 @@ def sample_to_files(
     for path in paths.values():
         logger.info(f"wrote {path}")
     return paths
+
+
+def _nonfinite_causes(config, w, method, steps, spacing, eta, settings) -> str:
+    """A sentence naming the sampler settings of this call that differ from the run's own and
+    can make samples non-finite (large guidance, eta, no x0 clipping), or ''."""
+    unusual = []
+    if w > max(4.0, 2 * config.guidance):
+        unusual.append(f"--w {w:g}")
+    if eta > 0:
+        unusual.append(f"--eta {eta:g}")
+    if x0_mode(settings) == "none":
+        unusual.append("--x0 none")
+    if method != config.sampler or spacing != solvers.get(method).spacing:
+        unusual.append(f"--sampler {method} --steps {steps} ({spacing} spacing)")
+    if not unusual:
+        return ""
+    return f"These settings may cause it: {', '.join(unusual)}; try the run's defaults. "
 
 
 def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, result, step, seed):

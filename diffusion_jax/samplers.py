@@ -334,8 +334,8 @@ def prepare_chain(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or shape[0] < 1:
         raise ValueError(f"shape must be (batch, ...) with batch >= 1, got {shape}")
-    if not _is_concrete(eta) or not np.isfinite(float(eta)) or float(eta) < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    if not _is_concrete(eta) or not 0 <= float(eta) <= 1:  # > 1: noise beyond the posterior's
+        raise ValueError(f"eta must be in [0, 1] (1 = ancestral's noise), got {eta!r}")
     if settings.num_snapshots > schedule.num_steps + 1:
         raise ValueError(
             f"num_snapshots must be in [0, {schedule.num_steps + 1}] (steps + 1), "

@@ -38,3 +38,24 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys, argv, words):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert words in err and "no_such_run" not in err
+
+
+def test_eta_outside_0_1_is_refused_before_the_checkpoint(tmp_path, capsys):
+    missing = str(tmp_path / "no_such_run")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--workdir", missing, "--sampler", "ddim", "--eta", "1e30"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "--eta" in err and "no_such_run" not in err
+
+
+def test_nonfinite_samples_name_the_unusual_settings():
+    from diffusion_jax.config import get_config
+
+    config = get_config("tiny")
+    said = generation._nonfinite_causes(config, 50.0, "ddim", 50, "uniform", 0.5, {})
+    assert "--w 50" in said and "--eta 0.5" in said
+    default = generation._nonfinite_causes(
+        config, config.guidance, config.sampler, config.sample_steps,
+        __import__("diffusion_jax").solvers.get(config.sampler).spacing, 0.0, {})
+    assert default == ""

@@ -251,6 +251,7 @@ def test_python_loop_and_unroll_match_the_scan(mixture, method, w):
         (dict(unroll=0), "unroll must be"),
         (dict(variance="learned"), "variance must be one of"),
         (dict(eta=-0.1), "eta must be"),
+        (dict(eta=1.5), r"eta must be in \[0, 1\]"),
         (dict(labels=np.array([0, 4])), r"labels must be in \[0, 3\]"),
         (dict(labels=np.array([0, -1])), "labels must be in"),
         (dict(labels=np.array([0, 1, 2])), "labels has 3 entries"),

@@ -114,6 +114,8 @@ def main(argv=None, prog: str = "sample.py") -> int:
         if args.w is not None:
             config_lib.check_float("--w", args.w, 0.0)
         config_lib.check_seed(args.seed, "--seed")
+        # DDIM's eta above 1 asks for more noise than the posterior has (1 = ancestral's)
+        config_lib.check_float("--eta", args.eta, 0.0, 1.0, high_open=False)
         if args.per_class is not None:
             config_lib.check_int("--per_class", args.per_class, 1, config_lib.INT_MAX)
         common = dict(
