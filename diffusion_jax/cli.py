@@ -24,6 +24,7 @@ def start(program: str) -> None:
     crashed with a segmentation fault) helps nobody. Outputs are written under temporary names,
     so nothing half-written is left where a finished file is expected."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    enable_compilation_cache()
 
     def interrupted(*_):
         sys.stderr.write(f"{program}: interrupted\n")
@@ -35,6 +36,36 @@ def start(program: str) -> None:
     # logger a stderr handler, which would print each of them a second time. (Not done in
     # setup_logging: in-process callers such as pytest's caplog listen on the root logger.)
     logging.getLogger("diffusion_jax").propagate = False
+
+
+CACHE_ENV = "DIFFUSION_JAX_COMPILATION_CACHE"
+
+
+def compilation_cache_dir(environ=os.environ) -> str | None:
+    """The folder of jax's persistent compilation cache: ``$DIFFUSION_JAX_COMPILATION_CACHE`` if it
+    names one, None if it is ``0``/``off``/``false``/``no``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/diffusion_jax/jax_cache``."""
+    value = environ.get(CACHE_ENV, "").strip()
+    if value.lower() in ("0", "off", "false", "no"):
+        return None
+    if value:
+        return os.path.expanduser(value)
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "diffusion_jax", "jax_cache")
+
+
+def enable_compilation_cache(environ=os.environ) -> str | None:
+    """Turn on jax's persistent compilation cache (before jax is imported: jax reads these
+    variables at import), so a second sample.py or train.py call loads its programs instead of
+    compiling them again (13-15 s per call on an H200). Small programs are cached too (the default
+    minimum compile time, 1 s, would skip them). A ``JAX_COMPILATION_CACHE_DIR`` the user set
+    wins. Returns the folder, or None when turned off."""
+    folder = compilation_cache_dir(environ)
+    if folder is not None:
+        environ.setdefault("JAX_COMPILATION_CACHE_DIR", folder)
+        environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    return folder
 
 
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -8,6 +8,8 @@ import os
 import sys
 
 os.environ["JAX_PLATFORMS"] = "cpu"
+# Commands run as subprocesses must not fill the user's ~/.cache with test programs.
+os.environ["DIFFUSION_JAX_COMPILATION_CACHE"] = "off"
 # Test programs are tiny and compile once: XLA's backend optimisations cost more time (a tiny
 # U-Net's init compiles in 15 s with them, 6 s without) than they save.
 os.environ["XLA_FLAGS"] = (

@@ -119,3 +119,20 @@ def test_a_missing_tensorboardx_is_one_line_before_anything_is_written(tmp_path,
     assert exit_info.value.code == 1 and "\n" not in err
     assert "needs tensorboardX" in err and "--no_tensorboard" in err
     assert not workdir.exists()
+
+
+def test_compilation_cache_folder_and_off_switch(tmp_path):
+    """The persistent compilation cache: an XDG default, a named folder, and off; jax's own
+    JAX_COMPILATION_CACHE_DIR wins."""
+    from diffusion_jax import cli
+
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert cli.enable_compilation_cache(env) == str(tmp_path / "diffusion_jax" / "jax_cache")
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "diffusion_jax" / "jax_cache")
+    assert env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] == "0"
+    env = {cli.CACHE_ENV: str(tmp_path / "c"), "JAX_COMPILATION_CACHE_DIR": "/mine"}
+    assert cli.enable_compilation_cache(env) == str(tmp_path / "c")
+    assert env["JAX_COMPILATION_CACHE_DIR"] == "/mine"
+    for off in ("0", "off", "OFF"):
+        env = {cli.CACHE_ENV: off}
+        assert cli.enable_compilation_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
