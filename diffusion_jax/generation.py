@@ -258,6 +258,18 @@ def sample_to_files(
     return paths
 
 
+GIF_PER_CLASS = 10  # the GIF's row per class: 100 per class made a 35 MB GIF
+
+
+def gif_selection(labels, per_class: int = GIF_PER_CLASS) -> np.ndarray:
+    """Indices of the samples a GIF shows, class by class: the first ``per_class`` of each
+    class (labels (N,) ints -> indices (M,), M <= per_class * classes)."""
+    labels = np.asarray(labels)
+    order = np.argsort(labels, kind="stable")
+    rank = np.arange(len(order)) - np.searchsorted(labels[order], labels[order])
+    return order[rank < per_class]
+
+
 def _nonfinite_causes(config, w, method, steps, spacing, eta, settings) -> str:
     """A sentence naming the sampler settings of this call that differ from the run's own and
     can make samples non-finite (large guidance, eta, no x0 clipping), or ''."""
@@ -296,9 +308,14 @@ def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, re
         )
     else:
         images.save_grid(samples, labels, paths["grid"], null_label=config.null_label)
-        per_row = max(int(np.sum(labels == c)) for c in set(labels.tolist()))
-        order = np.argsort(labels, kind="stable")
-        images.save_gif(np.asarray(result.snapshots)[:, order], paths["reverse"], per_row=per_row)
+        shown = gif_selection(labels)
+        per_row = max(int(np.sum(labels[shown] == c)) for c in set(labels.tolist()))
+        if len(shown) < len(labels):
+            logger.info(
+                f"the GIF shows the first {per_row} samples of each class ({len(shown)} of "
+                f"{len(labels)}); the grid and the .npz hold them all"
+            )
+        images.save_gif(np.asarray(result.snapshots)[:, shown], paths["reverse"], per_row=per_row)
     images.save_npz(
         paths["samples"],
         samples,

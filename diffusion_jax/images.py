@@ -28,17 +28,23 @@ def tile(images: np.ndarray, per_row: int, pad: int = 1) -> np.ndarray:
     return out
 
 
-def _rows_by_label(samples, labels):
-    """Indices putting each class in a row of its own (-1 = blank cell), the row labels, and the
-    row length."""
+MAX_PER_ROW = 16  # a class with more samples wraps onto further rows (100 per class: 7 rows)
+
+
+def _rows_by_label(samples, labels, max_per_row: int = MAX_PER_ROW):
+    """Indices putting each class in a block of rows of its own (-1 = blank cell), wrapped at
+    ``max_per_row`` cells; the row labels (the class on a block's first row, None on the rows
+    that continue it), and the row length."""
     labels = np.asarray(labels)
     classes = sorted(set(labels.tolist()))
-    per_row = max(int(np.sum(labels == c)) for c in classes)
+    per_row = min(max(int(np.sum(labels == c)) for c in classes), max_per_row)
     order, row_labels = [], []
     for c in classes:
         idx = list(np.flatnonzero(labels == c))
-        order.append(idx + [-1] * (per_row - len(idx)))  # -1: blank cell
-        row_labels.append(c)
+        for start in range(0, len(idx), per_row):
+            row = idx[start : start + per_row]
+            order.append(row + [-1] * (per_row - len(row)))  # -1: blank cell
+            row_labels.append(c if start == 0 else None)
     return np.asarray(order).reshape(-1), row_labels, per_row
 
 
@@ -69,7 +75,7 @@ def save_grid(
     )
     ax.set_yticks([1 + h * i + h / 2 for i in range(len(row_labels))])
     if names is None:
-        names = {c: "uncond" if c == null_label else str(c) for c in row_labels}
+        names = {c: "uncond" if c == null_label else str(c) for c in row_labels if c is not None}
     ax.set_yticklabels([names.get(c, "") for c in row_labels], fontsize=7)
     ax.set_xticks([])
     for side in ax.spines.values():

@@ -59,3 +59,27 @@ def test_nonfinite_samples_name_the_unusual_settings():
         config, config.guidance, config.sampler, config.sample_steps,
         __import__("diffusion_jax").solvers.get(config.sampler).spacing, 0.0, {})
     assert default == ""
+
+
+def test_per_class_100_grid_wraps_and_gif_shows_ten_per_class(tmp_path):
+    from PIL import Image
+
+    from diffusion_jax import images
+
+    labels = np.repeat(np.arange(10), 100)
+    samples = np.random.default_rng(0).uniform(-1, 1, (1000, 8, 8, 1)).astype(np.float32)
+    images.save_grid(samples, labels, str(tmp_path / "g.png"))
+    width, height = Image.open(tmp_path / "g.png").size
+    # 16 cells of 9 px at scale 2 plus the label margin, not 100 cells (5852 px at 28x28)
+    assert width <= 16 * 9 * 2 + 60 and height > 10 * 7 * 9 * 2 * 0.9
+    shown = generation.gif_selection(labels)
+    assert len(shown) == 100 and np.all(np.bincount(labels[shown]) == 10)
+    assert list(shown[:10]) == list(range(10))  # the first samples of class 0, in order
+    snaps = np.broadcast_to(samples[shown], (20, *samples[shown].shape))
+    images.save_gif(snaps, str(tmp_path / "r.gif"), per_row=10)
+    assert os.path.getsize(tmp_path / "r.gif") < 2_000_000
+
+
+def test_gif_selection_keeps_fewer_than_the_cap():
+    labels = np.array([3, 1, 3, 1, 1])
+    np.testing.assert_array_equal(generation.gif_selection(labels, per_class=2), [1, 3, 0, 2])
