@@ -213,3 +213,12 @@ def test_tuple_flags_name_themselves_and_commas_alone_are_empty():
         parser.parse_args(["--channel_mults", "1,x"])
     with pytest.raises(argparse.ArgumentTypeError, match="--channel_mults takes comma-sep"):
         config_lib._ints_flag("channel_mults")("1,x")
+
+
+def test_gpu_preset_is_mnist_in_bfloat16_with_a_larger_batch():
+    """mnist_gpu: the mnist network, bf16 activations, batch 512, same images seen."""
+    from diffusion_jax.config import get_config
+
+    gpu, base = get_config("mnist_gpu"), get_config("mnist")
+    assert gpu.dtype == "bfloat16" and gpu.batch_size == 512
+    assert gpu.channels == base.channels and gpu.num_steps * 512 == base.num_steps * 128
