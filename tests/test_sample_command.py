@@ -9,15 +9,22 @@ from diffusion_jax import generation, training
 from diffusion_jax.commands import sample
 
 
-def test_toy2d_reference_chain_places_all_steps_under_dpmpp2m(tmp_path):
-    # dpmpp2m's logsnr spacing places at most T-1 of T=20 cosine steps: the full-length
-    # reference chain used to inherit it and fail with "num_steps must be in [1, 19]"
-    workdir = str(tmp_path / "toy")
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    """A 2-step toy2d run with T=20 (a tiny MLP): its workdir."""
+    workdir = str(tmp_path_factory.mktemp("toy"))
     overrides = dict(num_steps=2, steps_per_dispatch=2, log_every=2, checkpoint_every=2,
                      mlp_hidden=8, mlp_layers=1, num_timesteps=20, sample_steps=5)
     training.train(workdir, preset="toy2d", overrides=overrides, progress=False,
                    tensorboard=False)
-    paths = generation.sample_to_files(workdir, per_class=4, method="dpmpp2m", steps=3)
+    return workdir
+
+
+def test_toy2d_reference_chain_places_all_steps_under_dpmpp2m(toy_run, tmp_path):
+    # dpmpp2m's logsnr spacing places at most T-1 of T=20 cosine steps: the full-length
+    # reference chain used to inherit it and fail with "num_steps must be in [1, 19]"
+    paths = generation.sample_to_files(toy_run, per_class=4, method="dpmpp2m", steps=3,
+                                       out=str(tmp_path))
     assert sorted(paths) == ["samples", "toy2d"]
     assert np.load(paths["samples"])["samples"].shape == (20, 2)
     assert os.path.getsize(paths["toy2d"]) > 1000
@@ -83,3 +90,29 @@ def test_per_class_100_grid_wraps_and_gif_shows_ten_per_class(tmp_path):
 def test_gif_selection_keeps_fewer_than_the_cap():
     labels = np.array([3, 1, 3, 1, 1])
     np.testing.assert_array_equal(generation.gif_selection(labels, per_class=2), [1, 3, 0, 2])
+
+
+CACHED_SAMPLE = """
+import os, sys, jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from diffusion_jax import generation
+generation.sample_to_files(sys.argv[1], per_class=2, steps=4, out=sys.argv[3], overwrite=True)
+"""
+
+
+def test_a_second_identical_call_compiles_nothing_new(toy_run, tmp_path):
+    # issue 22: the ahead-of-time compile (ChainCall.compile: .lower().compile()) goes through
+    # jax's persistent cache, so with the cache on a repeated sample.py reads every program
+    import subprocess
+    import sys
+
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    counts = []
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", CACHED_SAMPLE, toy_run, cache, out], env=env,
+                       check=True, capture_output=True, timeout=120)
+        counts.append(len(os.listdir(cache)))
+    assert counts[0] >= 2 and counts[1] == counts[0], counts  # the chain and the reference
