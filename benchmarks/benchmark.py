@@ -346,17 +346,17 @@ def main(argv=None) -> int:
     report.add(report_header(args, argv))
     interrupted = False
     try:
-        if "train" in args.sections:
-            run_section(report, "Training throughput", train_section, args, report)
         samplings = []
         if {"sample", "loop", "unroll"} & set(args.sections):
             samplings = [make_sampling(p, d) for p in args.presets for d in args.sample_dtypes]
-        if "sample" in args.sections:
-            run_section(report, "Sampling throughput", sampling_section, args, report, samplings)
-        if "loop" in args.sections:
-            run_section(report, "Python loop vs lax.scan", loop_section, args, report, samplings)
-        if "unroll" in args.sections:
-            run_section(report, "lax.scan unroll", unroll_section, args, report, samplings)
+        sections = {
+            "train": ("Training throughput", train_section, args, report),
+            "sample": ("Sampling throughput", sampling_section, args, report, samplings),
+            "loop": ("Python loop vs lax.scan", loop_section, args, report, samplings),
+            "unroll": ("lax.scan unroll", unroll_section, args, report, samplings),
+        }
+        for name in args.sections:  # in the order given: --sections sample,train samples first
+            run_section(report, *sections[name])
         run_section(report, "Compile times", compile_section, report)
     except KeyboardInterrupt:
         interrupted = True

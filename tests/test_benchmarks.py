@@ -48,3 +48,16 @@ def test_run_spec_parses_fields_tuples_and_preset():
 def test_run_spec_rejects_bad_input(text, match):
     with pytest.raises(ValueError, match=match):
         RunSpec.parse(text, "cpu")
+
+
+def test_sections_run_in_the_order_given(monkeypatch):
+    """--sections sample,train runs sampling first (it used to run in a fixed order)."""
+    from benchmarks import benchmark
+
+    ran = []
+    monkeypatch.setattr(benchmark, "make_sampling", lambda p, d: None)
+    monkeypatch.setattr(benchmark, "train_section", lambda *a: ran.append("train"))
+    monkeypatch.setattr(benchmark, "sampling_section", lambda *a: ran.append("sample"))
+    argv = ["--presets", "tiny", "--sections", "sample,train", "--out", "-"]
+    assert benchmark.main(argv) == 0
+    assert ran == ["sample", "train"]
