@@ -43,9 +43,17 @@ class Report:
         self.compiles: list[tuple[str, float]] = []  # (what, seconds) for the compile table
         self.failed: list[str] = []
 
-    def add(self, text: str) -> None:
+    def add(self, text: str, echo: bool = True) -> None:
+        """Append ``text``; print it unless it was already streamed (``echo=False``)."""
         self.parts.append(text)
-        print(text + "\n", flush=True)
+        if echo:
+            print(text + "\n", flush=True)
+
+    def stream(self, headers, row=None) -> None:
+        """Print a table's header (no ``row``) or one row now, as it finishes: a slow section
+        shows its rows before it ends (the whole table is added afterwards with ``echo=False``)."""
+        table = md_table(headers, [] if row is None else [row]).split("\n")
+        print("\n".join(table[:2] if row is None else table[2:]), flush=True)
 
     def markdown(self) -> str:
         return "\n\n".join(self.parts) + "\n"

@@ -147,6 +147,7 @@ def train_section(args, report: Report) -> None:
         + "."
     )
     rows, results = [], []
+    report.stream(TRAIN_COLUMNS)
     for preset in args.presets:
         for dtype in args.dtypes:
             peak, peak_text = peak_for(dtype, args.peak_tflops)
@@ -154,11 +155,14 @@ def train_section(args, report: Report) -> None:
                 if batch % ndev:
                     reason = f"skipped: not divisible by the {ndev} devices"
                     rows.append([preset, dtype, batch, reason] + [""] * 9)
+                    report.stream(TRAIN_COLUMNS, rows[-1])
                     continue
                 r = bench_train(preset, dtype, batch, args, mesh, report)
                 results.append(r)
                 rows.append(train_row(r, peak, peak_text, ndev))
-    report.add(md_table(TRAIN_COLUMNS, rows))
+                report.stream(TRAIN_COLUMNS, rows[-1])
+    print(flush=True)
+    report.add(md_table(TRAIN_COLUMNS, rows), echo=False)
     report.add(ratio_table(results))
 
 

@@ -3,6 +3,7 @@ time harness's run specifications are parsed and validated up front."""
 
 import os
 import subprocess
+import types
 import sys
 
 import pytest
@@ -61,3 +62,26 @@ def test_sections_run_in_the_order_given(monkeypatch):
     argv = ["--presets", "tiny", "--sections", "sample,train", "--out", "-"]
     assert benchmark.main(argv) == 0
     assert ran == ["sample", "train"]
+
+
+def test_training_rows_are_printed_as_they_finish(monkeypatch, capsys):
+    """Each training row is printed when its benchmark ends, before the next one starts (the
+    H200 run printed no row in 120 s: tables came only after a whole section)."""
+    from benchmarks import training_bench
+    from benchmarks.common import Report
+
+    seen = []
+
+    def fake_bench(preset, dtype, batch, *a):
+        seen.append(capsys.readouterr().out)  # what was printed before this benchmark started
+        return dict(preset=preset, dtype=dtype, batch=batch)
+
+    monkeypatch.setattr(training_bench, "bench_train", fake_bench)
+    monkeypatch.setattr(training_bench, "train_row", lambda r, *a: [r["batch"]] + [""] * 12)
+    monkeypatch.setattr(training_bench, "ratio_table", lambda results: "")
+    args = types.SimpleNamespace(
+        num_examples=8, presets=["tiny"], dtypes=["float32"], peak_tflops=None,
+        train_batch_sizes=[16, 32],
+    )
+    training_bench.train_section(args, Report())
+    assert "| 16 |" in seen[1] and "| 32 |" not in seen[1]
