@@ -10,7 +10,7 @@ import tempfile
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoints, models, samplers, sharding, solvers
+from diffusion_jax import checkpoints, models, outputs, samplers, sharding, solvers
 from diffusion_jax.schedules import SPACINGS, max_steps, respace
 
 logger = logging.getLogger(__name__)
@@ -214,9 +214,8 @@ def sample_to_files(
     kinds = ("toy2d", "samples") if is_2d else ("grid", "reverse", "samples")
     ext = {"grid": "png", "toy2d": "png", "reverse": "gif", "samples": "npz"}
     paths = {k: f"{stem}_{k}.{ext[k]}" for k in kinds}
-    existing = [p for p in paths.values() if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
+    outputs.clean_stale(out)  # a killed earlier call's staging folder is not an output
+    outputs.check_free(paths, overwrite)
     check_writable(out)
 
     key = jax.random.PRNGKey(seed)
@@ -247,12 +246,9 @@ def sample_to_files(
             "give non-finite outputs (a diverged run?): sample from an earlier checkpoint with "
             f"--workdir {os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
         )
-    from diffusion_jax import images
 
-    with images.all_or_nothing(paths):
-        _write_outputs(
-            paths, config, model, params, data_shape, labels, key, kw, result, step, seed
-        )
+    with outputs.staged(paths, overwrite) as tmp:  # the .npz (last in paths) moves last
+        _write_outputs(tmp, config, model, params, data_shape, labels, key, kw, result, step, seed)
     for path in paths.values():
         logger.info(f"wrote {path}")
     return paths

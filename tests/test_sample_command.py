@@ -116,3 +116,38 @@ def test_a_second_identical_call_compiles_nothing_new(toy_run, tmp_path):
                        check=True, capture_output=True, timeout=120)
         counts.append(len(os.listdir(cache)))
     assert counts[0] >= 2 and counts[1] == counts[0], counts  # the chain and the reference
+
+
+DYING_SAMPLE = """
+import os, signal, sys
+from diffusion_jax import generation, images
+save_npz = images.save_npz
+def dying(*a, **k):  # the plot is written; die while the .npz is being written
+    save_npz(*a, **k)
+    os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+images.save_npz = dying
+generation.sample_to_files(sys.argv[1], per_class=2, steps=4, out=sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_a_killed_sample_call_leaves_nothing_and_the_rerun_works(toy_run, tmp_path, signal_name):
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", DYING_SAMPLE, toy_run, out, signal_name],
+                          env=env, capture_output=True, timeout=120)
+    assert done.returncode != 0
+    visible = [n for n in os.listdir(out) if not n.startswith(".")]
+    assert visible == []  # neither the plot nor the .npz
+    paths = generation.sample_to_files(toy_run, per_class=2, steps=4, out=out)  # no --overwrite
+    assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths.values())
+
+
+def test_an_incomplete_older_set_is_named(toy_run, tmp_path):
+    paths = generation.sample_to_files(toy_run, per_class=2, steps=4, out=str(tmp_path))
+    os.remove(paths["samples"])
+    with pytest.raises(FileExistsError, match="incomplete set"):
+        generation.sample_to_files(toy_run, per_class=2, steps=4, out=str(tmp_path))

@@ -1,0 +1,78 @@
+"""Output sets written all or nothing: every file of one request is written into a hidden
+staging folder beside its destination and moved into place at the end (renames are atomic),
+so a crash, Ctrl-C or kill -9 leaves no part of the set where finished outputs are expected.
+
+A staging folder is named ``.partial-PID-*``; one whose process is gone is removed by the next
+request in that folder. Existing outputs are never replaced without ``overwrite``; a set of which
+only some files exist (left by an older version killed between files) is named as incomplete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+PREFIX = ".partial-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(folder: str) -> None:
+    """Remove ``.partial-PID-*`` files and folders in ``folder`` whose process PID is gone."""
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(folder):
+            pid = name[len(PREFIX):].split("-", 1)[0]
+            if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
+                path = os.path.join(folder, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+
+
+def check_free(paths: dict[str, str], overwrite: bool) -> None:
+    """FileExistsError unless ``overwrite`` or none of ``paths`` ({kind: path}) exists; a set
+    with some files missing is called incomplete."""
+    existing = [p for p in paths.values() if os.path.exists(p)]
+    if not existing or overwrite:
+        return
+    missing = [p for p in paths.values() if p not in existing]
+    if missing:
+        raise FileExistsError(
+            f"{existing[0]} exists but {os.path.basename(missing[0])} does not: an incomplete "
+            "set from an interrupted earlier run; pass --overwrite to replace it"
+        )
+    raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
+
+
+@contextlib.contextmanager
+def staged(paths: dict[str, str], overwrite: bool = False):
+    """Yield {kind: temporary path} in a staging folder beside the outputs; when the block ends
+    without an error, move every file into its place ({kind: path}, the last one last: put the
+    file that marks a set complete, e.g. the .npz, last). On any error or interrupt the staging
+    folder is removed and no output is touched."""
+    folders = {os.path.dirname(os.path.abspath(p)) for p in paths.values()}
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+        clean_stale(folder)
+    check_free(paths, overwrite)
+    parent = os.path.dirname(os.path.abspath(next(iter(paths.values()))))
+    stage = tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
+    try:
+        tmp = {k: os.path.join(stage, os.path.basename(p)) for k, p in paths.items()}
+        yield tmp
+        for k, p in paths.items():
+            os.replace(tmp[k], p)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
