@@ -1,0 +1,162 @@
+"""Stopping a run (issues 22 and 25): signals are handled while a dispatch computes, a stop
+writes a checkpoint at the step reached, a second signal exits at once, dispatches stay short
+enough for that on a slow CPU, and the train step is traced once."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+from conftest import TINY
+
+from diffusion_jax import hooks, models, training
+from diffusion_jax.config import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_dispatch_length_fits_the_time_limit():
+    """The first dispatch is one step; later ones grow at most 2x, to what fits the limit."""
+    assert training.next_dispatch_steps(1, 0.001, 1, limit=10.0) == 2  # fast: doubles
+    assert training.next_dispatch_steps(32, 0.01, 32, limit=10.0) == 64
+    assert training.next_dispatch_steps(50, 100.0, 50, limit=10.0) == 5  # 2 s a step
+    assert training.next_dispatch_steps(1, 36.0, 1, limit=10.0) == 1  # never 0
+
+
+def test_the_fori_loop_step_is_traced_once(monkeypatch):
+    """Building the several-steps-per-dispatch program traces the loss once (the metrics'
+    structure no longer comes from a second trace of the whole step)."""
+    config = get_config("tiny", seed=98765)  # a config no other test compiled (lru_cache)
+    assert config.steps_per_dispatch > 1
+    calls = []
+    real = training.losses.diffusion_loss
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.losses, "diffusion_loss", counting)
+    train_steps = training.make_train_steps(config)
+    model = models.build_model(config)
+    shape = (1, 8, 8, 1)
+    state = jax.eval_shape(
+        lambda: training.init_state(config, model, training.make_optimizer(config), shape)
+    )
+    x = jax.ShapeDtypeStruct((1, 16, 8, 8, 1), jax.numpy.float32)
+    y = jax.ShapeDtypeStruct((1, 16), jax.numpy.int32)
+    train_steps.lower(state, x, y, 2)
+    assert len(calls) == 1
+
+
+def test_sighup_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
+    """A closed terminal (SIGHUP) stops like SIGTERM: a checkpoint, not a dead run."""
+
+    class SignalOnStart(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith("training"):
+                os.kill(os.getpid(), signal.SIGHUP)
+
+    workdir = str(tmp_path / "sighup")
+    handler, logger = SignalOnStart(), logging.getLogger("diffusion_jax.training")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        result = training.train(workdir, dataset=tiny_data, **TINY)
+    finally:
+        logger.removeHandler(handler)
+    assert result.interrupted and int(result.state.step) == 1
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+
+
+def test_a_second_signal_exits_at_once_saying_nothing_more_was_saved():
+    code = (
+        "import os, signal, time\n"
+        "from diffusion_jax import hooks\n"
+        "with hooks.StopFlag() as stop:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.2)\n"
+        "    assert stop.signal == signal.SIGTERM\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(30)\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "nothing more was saved" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_during_training_checkpoints_the_step_reached(tmp_path):
+    """The default preset's structure (50 steps per dispatch, fori_loop), tiny network: a
+    SIGTERM while dispatches run stops within seconds, with a checkpoint at the step reached."""
+    workdir = str(tmp_path / "run")
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+        "from diffusion_jax import training\n"
+        f"training.train({workdir!r}, preset='tiny', progress=False, tensorboard=False,\n"
+        "    overrides=dict(num_steps=100000, steps_per_dispatch=50, log_every=100000,\n"
+        "                   checkpoint_every=100000, sample_every=0))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    for line in proc.stdout:  # (until training has started: signals are caught from there)
+        if line.startswith("INFO:diffusion_jax.training:training"):
+            break
+    time.sleep(8)  # (compiled by now: dispatches of up to 50 steps are running)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    # (generous: on a loaded machine the signal may arrive while the step still compiles)
+    assert time.monotonic() - sent < 45, out[-2000:]
+    assert proc.returncode == 0, out[-2000:]
+    assert "stopped by signal 15" in out and "checkpoint written" in out, out
+    step = int(out.split("stopped by signal 15 at step ")[1].split(";")[0])
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+
+
+def test_damaged_metrics_lines_are_dropped_with_a_backup(tmp_path, caplog):
+    """Bad bytes in metrics.jsonl do not block a resume, and nothing is lost silently: the file
+    as it was is kept as metrics.jsonl.bak and a warning names both."""
+    path = tmp_path / "metrics.jsonl"
+    good = [json.dumps({"step": s, "loss": 1.0}).encode() + b"\n" for s in (1, 2, 3)]
+    original = good[0] + b"\xff\xfe garbage\n" + good[1] + good[2]
+    path.write_bytes(original)
+    with caplog.at_level(logging.WARNING):
+        hooks.drop_records_after(str(path), 2)
+    assert path.read_bytes() == good[0] + good[1]
+    assert (tmp_path / "metrics.jsonl.bak").read_bytes() == original
+    assert str(path) in caplog.text and "metrics.jsonl.bak" in caplog.text
+
+
+def test_no_checkpoint_yet_is_said_in_words():
+    class NoSteps:
+        def latest_step(self):
+            return None
+
+    assert "None" not in training._last_good(NoSteps())
+    assert "no checkpoint has been saved yet" in training._last_good(NoSteps())
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_stop_signals(sig):
+    assert getattr(signal, sig) in hooks.STOP_SIGNALS
