@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -14,6 +15,8 @@ from diffusion_jax import checkpoints, models, outputs, samplers, sharding, solv
 from diffusion_jax.schedules import SPACINGS, max_steps, respace
 
 logger = logging.getLogger(__name__)
+
+BATCH_SIZE = 1000  # samples drawn at once by sample.py: 10,000 in one batch took 8.1 GB
 
 
 def resolve_sampler(
@@ -72,6 +75,8 @@ def generate(
     num_snapshots: int = 0,
     timing: dict | None = None,
     mesh=None,
+    batch_size: int | None = None,
+    snapshot_rows=None,
     **settings,
 ) -> samplers.SampleResult:
     """Samples of shape (len(labels), *data_shape) from ``model`` with ``params``.
@@ -84,27 +89,65 @@ def generate(
     :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh`` (default: this
     process's devices, when there are several; in a multi-process program pass a mesh over all
     processes' devices and call this on every process).
+
+    ``batch_size`` bounds the memory: more labels than that are sampled in chunks of
+    ``batch_size`` rows (the last one padded, so one program serves them all). Chunk c draws
+    its noise from ``fold_in(key, c)`` (chunk 0 from ``key`` itself), so up to ``batch_size``
+    samples are those of one batch, and the samples depend on the seed and the batch size.
+    ``snapshot_rows`` (indices into ``labels``): keep only these samples' snapshots.
     """
     if mesh is None and jax.local_device_count() > 1:
         mesh = sharding.data_mesh(jax.local_devices())
     method, steps, spacing, settings = resolve_sampler(config, method, steps, spacing, **settings)
     labels = np.asarray(labels)
-    return samplers.sample(
-        models.denoiser(model),
-        params,
-        respace(config.schedule, config.num_timesteps, steps, spacing),
-        key,
-        (len(labels), *data_shape),
-        num_classes=config.num_classes,
-        labels=labels,
-        w=config.guidance if w is None else w,
-        eta=eta,
-        method=method,
-        prediction=config.prediction,
-        num_snapshots=num_snapshots,
-        timing=timing,
-        mesh=mesh,
-        **settings,
+    n = len(labels)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    size = n if batch_size is None else min(batch_size, n)
+    schedule = respace(config.schedule, config.num_timesteps, steps, spacing)
+    w = config.guidance if w is None else w
+
+    def chain(c: int) -> samplers.ChainCall:
+        part = labels[c * size : (c + 1) * size]
+        # the last chunk is padded with unconditional rows, so every chunk has one shape
+        part = np.concatenate([part, np.full(size - len(part), config.num_classes, part.dtype)])
+        return samplers.prepare_chain(
+            models.denoiser(model),
+            params,
+            schedule,
+            key if c == 0 else jax.random.fold_in(key, c),
+            (size, *data_shape),
+            num_classes=config.num_classes,
+            labels=part,
+            w=w,
+            eta=eta,
+            method=method,
+            prediction=config.prediction,
+            num_snapshots=num_snapshots,
+            mesh=mesh,
+            **settings,
+        )
+
+    first = chain(0)
+    if size == n:  # one batch: the arrays stay on the device (global arrays with a mesh)
+        result = first.run() if timing is None else first.timed(timing)
+        if snapshot_rows is None or result.snapshots is None:
+            return result
+        return result._replace(snapshots=result.snapshots[:, np.asarray(snapshot_rows)])
+    compiled, compile_s = first.compile() if timing is not None else (None, 0.0)
+    start = time.perf_counter()
+    samples, snapshots = [], []
+    for c in range(-(-n // size)):
+        result = (first if c == 0 else chain(c)).run(compiled)
+        rows = np.arange(c * size, min((c + 1) * size, n))
+        samples.append(np.asarray(result.samples)[: len(rows)])
+        if result.snapshots is not None:
+            keep = rows if snapshot_rows is None else np.intersect1d(rows, snapshot_rows)
+            snapshots.append(np.asarray(result.snapshots)[:, keep - c * size])
+    if timing is not None:
+        timing.update(compile_s=compile_s, sample_s=time.perf_counter() - start)
+    return samplers.SampleResult(
+        np.concatenate(samples), np.concatenate(snapshots, axis=1) if snapshots else None
     )
 
 
@@ -175,6 +218,7 @@ def sample_to_files(
     frames: int = 20,
     out: str | None = None,
     overwrite: bool = False,
+    batch_size: int = BATCH_SIZE,
     **settings,
 ) -> dict[str, str]:
     """Sample a checkpoint and write the pictures and an ``.npz``; returns {kind: path}.
@@ -185,8 +229,12 @@ def sample_to_files(
     and the ``.npz``. File names record step, sampler settings, w and seed; existing files are
     never replaced unless ``overwrite``. ``method``, ``steps``, ``spacing`` default as
     :func:`resolve_sampler`; further keywords are :class:`~diffusion_jax.samplers.SamplerSettings`
-    fields (``variance``, ``clip``, ``threshold``).
+    fields (``variance``, ``clip``, ``threshold``). At most ``batch_size`` samples are drawn at
+    once (see :func:`generate`); a name of more samples than that also records the batch size,
+    on which they then depend.
     """
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     config, model, params, data_shape, step = load_for_sampling(workdir)
     is_2d = len(data_shape) == 1
     method, steps, spacing, settings = resolve_sampler(config, method, steps, spacing, **settings)
@@ -208,6 +256,8 @@ def sample_to_files(
         # explicit labels get a short tag, so different label sets never share a file name
         name += "_labels" + hashlib.sha1(labels.astype(np.int64).tobytes()).hexdigest()[:6]
     labels = labels.astype(np.int32)
+    if len(labels) > batch_size:
+        name += f"_batch{batch_size}"
 
     out = out or os.path.join(os.path.dirname(checkpoints.resolve(workdir)[0]), "samples")
     stem = os.path.join(out, name)
@@ -220,7 +270,9 @@ def sample_to_files(
 
     key = jax.random.PRNGKey(seed)
     timing: dict = {}
-    kw = dict(w=w, method=method, steps=steps, spacing=spacing, eta=eta, **settings)
+    kw = dict(
+        w=w, method=method, steps=steps, spacing=spacing, eta=eta, batch_size=batch_size, **settings
+    )
     result = generate(
         config,
         model,
@@ -229,6 +281,7 @@ def sample_to_files(
         labels,
         key,
         num_snapshots=0 if is_2d else min(frames, steps + 1),
+        snapshot_rows=None if is_2d else gif_selection(labels),
         timing=timing,
         **kw,
     )
@@ -311,7 +364,8 @@ def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, re
                 f"the GIF shows the first {per_row} samples of each class ({len(shown)} of "
                 f"{len(labels)}); the grid and the .npz hold them all"
             )
-        images.save_gif(np.asarray(result.snapshots)[:, shown], paths["reverse"], per_row=per_row)
+        # (generate kept only the snapshots of the samples shown)
+        images.save_gif(np.asarray(result.snapshots), paths["reverse"], per_row=per_row)
     images.save_npz(
         paths["samples"],
         samples,

@@ -151,3 +151,38 @@ def test_an_incomplete_older_set_is_named(toy_run, tmp_path):
     os.remove(paths["samples"])
     with pytest.raises(FileExistsError, match="incomplete set"):
         generation.sample_to_files(toy_run, per_class=2, steps=4, out=str(tmp_path))
+
+
+def test_samples_are_drawn_in_bounded_chunks(toy_run, tmp_path):
+    """More labels than batch_size are drawn in chunks of batch_size rows: chunk c from
+    fold_in(key, c) (chunk 0 from key, so a single batch is what it always was), the last
+    chunk padded without changing its samples, and the snapshots kept only where asked."""
+    import jax
+
+    config, model, params, shape, _ = generation.load_for_sampling(toy_run)
+    labels = np.repeat(np.arange(config.num_classes), 10)[:20]
+    key = jax.random.PRNGKey(3)
+    kw = dict(method="ddim", steps=3, w=0.5)
+
+    def draw(part, k, **extra):
+        return generation.generate(config, model, params, shape, part, k, **kw, **extra)
+
+    whole = draw(labels, key, batch_size=7, num_snapshots=2, snapshot_rows=[0, 8, 19])
+    assert whole.samples.shape == (20, 2) and whole.snapshots.shape == (2, 3, 2)
+    single = [np.asarray(draw(labels[:7], key).samples)]
+    single += [np.asarray(draw(labels[a:b], jax.random.fold_in(key, c)).samples)
+               for c, (a, b) in ((1, (7, 14)), (2, (14, 20)))]  # 6 rows: padded to 7 above
+    np.testing.assert_allclose(whole.samples, np.concatenate(single), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(whole.snapshots[-1], whole.samples[[0, 8, 19]], atol=1e-6)
+    # one batch of them all keeps the old samples (no chunking below batch_size)
+    np.testing.assert_array_equal(draw(labels, key, batch_size=20).samples,
+                                  draw(labels, key).samples)
+    with pytest.raises(ValueError, match="--batch_size"):
+        generation.sample_to_files(toy_run, per_class=2, batch_size=0, out=str(tmp_path))
+
+    paths = generation.sample_to_files(toy_run, per_class=3, batch_size=4, method="ddim",
+                                       steps=3, out=str(tmp_path))
+    assert "_batch4_" in os.path.basename(paths["samples"])
+    saved = np.load(paths["samples"])
+    assert saved["samples"].shape == (3 * config.num_classes, 2)
+    np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(config.num_classes), 3))

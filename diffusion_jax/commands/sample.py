@@ -54,6 +54,13 @@ def main(argv=None, prog: str = "sample.py") -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="samples drawn at once, to bound memory (default 1000); more samples are drawn in "
+        "chunks, and then depend on the seed and this number",
+    )
+    parser.add_argument(
         "--frames",
         type=int,
         default=None,
@@ -118,6 +125,10 @@ def main(argv=None, prog: str = "sample.py") -> int:
         config_lib.check_float("--eta", args.eta, 0.0, 1.0, high_open=False)
         if args.per_class is not None:
             config_lib.check_int("--per_class", args.per_class, 1, config_lib.INT_MAX)
+        if args.batch_size is not None:
+            if args.morph is not None or args.interpolate is not None or args.inpaint is not None:
+                raise ValueError("--batch_size applies to plain sampling only; drop it")
+            config_lib.check_int("--batch_size", args.batch_size, 1, config_lib.INT_MAX)
         common = dict(
             w=args.w,
             steps=args.steps,
@@ -164,6 +175,7 @@ def main(argv=None, prog: str = "sample.py") -> int:
             frames=20 if args.frames is None else args.frames,
             out=args.out,
             overwrite=args.overwrite,
+            batch_size=args.batch_size or generation.BATCH_SIZE,
             **cli.sampler_options(args),
         )
     return 0
