@@ -166,17 +166,3 @@ def written(path: str):
             os.remove(tmp)
         raise
 
-
-@contextlib.contextmanager
-def all_or_nothing(paths: dict[str, str]):
-    """Remove every file of ``paths`` that the block created if it fails: a file left from a
-    failed call would block the rerun (outputs are never overwritten without asking)."""
-    before = {p for p in paths.values() if os.path.exists(p)}
-    try:
-        yield
-    except BaseException:
-        for p in paths.values():
-            if p not in before:
-                with contextlib.suppress(OSError):
-                    os.remove(p)
-        raise

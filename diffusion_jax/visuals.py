@@ -20,6 +20,7 @@ from diffusion_jax import (
     generation,
     images,
     inpainting,
+    outputs,
     interpolation,
     models,
     samplers,
@@ -47,9 +48,8 @@ def _open(workdir: str, method: str | None, steps: int | None, spacing: str | No
 def _outputs(workdir, out, name, kinds, overwrite) -> dict[str, str]:
     out = out or os.path.join(os.path.dirname(checkpoints.resolve(workdir)[0]), "samples")
     paths = {k: os.path.join(out, f"{name}_{k}.{ext}") for k, ext in kinds.items()}
-    existing = [p for p in paths.values() if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
+    outputs.clean_stale(out)  # a killed earlier call's staging folder is not an output
+    outputs.check_free(paths, overwrite)
     generation.check_writable(out)
     return paths
 
@@ -135,6 +135,7 @@ def morph_to_files(
             raise ValueError(f"--frames must be >= 1 for a morph, got {frames}")
 
     kinds = {"name": f"morph{'-'.join(map(str, classes))}", "morph": "gif", "grid": "png"}
+    opts = _defaults(kw)
     paths, out = _deterministic(
         workdir,
         "morph",
@@ -143,14 +144,14 @@ def morph_to_files(
         check,
         kinds,
         frames=frames,
-        **_defaults(kw),
+        **opts,
     )
     # one row per transition, from a class to the next one inclusive
     rows = [out[i * frames : (i + 1) * frames + 1] for i in range(len(classes) - 1)]
-    with images.all_or_nothing(paths):
-        images.save_gif(out[:, None], paths["morph"], per_row=1, scale=4, frame_ms=120)
+    with outputs.staged(paths, opts["overwrite"]) as tmp:
+        images.save_gif(out[:, None], tmp["morph"], per_row=1, scale=4, frame_ms=120)
         names = [f"{a}>{b}" for a, b in zip(classes[:-1], classes[1:], strict=True)]
-        images.save_rows(rows, paths["grid"], names)
+        images.save_rows(rows, tmp["grid"], names)
     for p in paths.values():
         logger.info(f"wrote {p}")
     return paths
@@ -177,6 +178,7 @@ def interpolate_to_files(
             raise ValueError(f"--frames must be >= 2 for an interpolation, got {frames}")
 
     kinds = {"name": f"interp{label}", "strip": "png"}
+    opts = _defaults(kw)
     paths, strip = _deterministic(
         workdir,
         "interpolation",
@@ -185,10 +187,10 @@ def interpolate_to_files(
         check,
         kinds,
         frames=frames,
-        **_defaults(kw),
+        **opts,
     )
-    with images.all_or_nothing(paths):
-        images.save_rows([strip], paths["strip"], [str(label)])
+    with outputs.staged(paths, opts["overwrite"]) as tmp:
+        images.save_rows([strip], tmp["strip"], [str(label)])
     for p in paths.values():
         logger.info(f"wrote {p}")
     return paths
@@ -323,9 +325,9 @@ def inpaint_to_files(
     filled = _check_finite(filled, "inpainted images")
     masked = np.where(mask_arr > 0.5, originals, 0.0)  # unknown pixels shown mid-grey
     rows = [np.stack([o, m, f]) for o, m, f in zip(originals, masked, filled, strict=True)]
-    with images.all_or_nothing(paths):
+    with outputs.staged(paths, overwrite) as tmp:
         names = None if labels is None else [str(int(c)) for c in labels]
-        images.save_rows(rows, paths["compare"], names)
+        images.save_rows(rows, tmp["compare"], names)
     for p in paths.values():
         logger.info(f"wrote {p}")
     return paths

@@ -74,3 +74,24 @@ def test_bad_input_names_the_flag_and_writes_nothing(
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists() or os.listdir(out) == []
+
+
+def test_a_morph_that_fails_mid_write_leaves_nothing(straight_run, tmp_path, monkeypatch):
+    """The morph's GIF and grid are one output set: a failure (or signal) while the grid is
+    written leaves neither, no staging folder, and the rerun needs no --overwrite."""
+    from diffusion_jax import images
+
+    workdir, _ = straight_run
+    real_save_rows = images.save_rows
+
+    def interrupted(*args, **kwargs):  # the GIF is written by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "save_rows", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        run(workdir, tmp_path, "--morph", "0,1", "--frames", "2")
+    assert stopped.value.code == 130
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(images, "save_rows", real_save_rows)
+    assert run(workdir, tmp_path, "--morph", "0,1", "--frames", "2") == 0
+    assert sorted(f.rsplit("_", 1)[1] for f in os.listdir(tmp_path)) == ["grid.png", "morph.gif"]
