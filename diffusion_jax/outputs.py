@@ -29,7 +29,8 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(folder: str) -> None:
     """Remove ``.partial-PID-*`` files and folders in ``folder`` whose process PID is gone."""
-    with contextlib.suppress(FileNotFoundError):
+    # (a missing or unusable folder has nothing to clean; writing to it reports the problem)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
         for name in os.listdir(folder):
             pid = name[len(PREFIX):].split("-", 1)[0]
             if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
