@@ -256,7 +256,7 @@ def _optimizer_fault(state) -> str | None:
     for mu, nu, count in _adam_states(state["opt_state"]):
         if not 0 <= int(local(count)) <= step:
             return f"an optimizer update count of {int(local(count))} at step {step}"
-        for m, n in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(nu)):
+        for m, n in zip(jax.tree_util.tree_leaves(mu), jax.tree_util.tree_leaves(nu), strict=True):
             m, n = local(m), local(n)
             if np.any(n < 0):
                 return "negative second moments (Adam's nu) in the optimizer state"

@@ -14,17 +14,9 @@ import os
 import shutil
 import tempfile
 
+from diffusion_jax import workdir
+
 PREFIX = ".partial-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def clean_stale(folder: str) -> None:
@@ -33,7 +25,7 @@ def clean_stale(folder: str) -> None:
     with contextlib.suppress(FileNotFoundError, NotADirectoryError, PermissionError):
         for name in os.listdir(folder):
             pid = name[len(PREFIX):].split("-", 1)[0]
-            if name.startswith(PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            if name.startswith(PREFIX) and pid.isdigit() and not workdir.process_alive(int(pid)):
                 path = os.path.join(folder, name)
                 if os.path.isdir(path):
                     shutil.rmtree(path, ignore_errors=True)

@@ -14,8 +14,8 @@ import logging
 import os
 
 from diffusion_jax import checkpoints, data, sharding
-from diffusion_jax import workdir as workdir_lib
 from diffusion_jax import config as config_lib
+from diffusion_jax import workdir as workdir_lib
 
 
 class ConfigConflictError(ValueError):

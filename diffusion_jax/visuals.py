@@ -20,9 +20,9 @@ from diffusion_jax import (
     generation,
     images,
     inpainting,
-    outputs,
     interpolation,
     models,
+    outputs,
     samplers,
 )
 from diffusion_jax.schedules import respace

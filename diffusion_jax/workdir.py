@@ -76,7 +76,7 @@ def workdir_lock(workdir: str):
                 host, pid = "an unnamed process", "?"
             else:
                 host, pid = owner
-                if host == socket.gethostname() and not _alive(int(pid)):
+                if host == socket.gethostname() and not process_alive(int(pid)):
                     _remove_quietly(path)  # stale: its process is gone
                     continue
             raise WorkdirError(
@@ -149,7 +149,8 @@ def _remove_quietly(path: str) -> None:
         os.remove(path)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (a PID we may not signal is)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -349,7 +349,7 @@ def test_mnist5k_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     assert cached.startswith("mnist5k-") and cached.endswith(".npz")
     second = data.load_mnist5k()
     assert len(parses) == 1
-    for a, b in zip(first[1:5], second[1:5]):
+    for a, b in zip(first[1:5], second[1:5], strict=True):
         np.testing.assert_array_equal(a, b)
     (tmp_path / "cache" / cached).write_bytes(b"PK\x03\x04 damaged")
     third = data.load_mnist5k()

@@ -53,22 +53,28 @@ def test_the_fori_loop_step_is_traced_once(monkeypatch):
     assert len(calls) == 1
 
 
-def test_sighup_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
-    """A closed terminal (SIGHUP) stops like SIGTERM: a checkpoint, not a dead run."""
+def train_signalled_at_start(workdir: str, dataset, signum: int):
+    """Train the tiny preset in ``workdir``, sending ``signum`` to this process as soon as the
+    loop says it is training (its handlers are in place by then); the TrainResult."""
 
     class SignalOnStart(logging.Handler):
         def emit(self, record):
             if record.getMessage().startswith("training"):
-                os.kill(os.getpid(), signal.SIGHUP)
+                os.kill(os.getpid(), signum)
 
-    workdir = str(tmp_path / "sighup")
     handler, logger = SignalOnStart(), logging.getLogger("diffusion_jax.training")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        result = training.train(workdir, dataset=tiny_data, **TINY)
+        return training.train(workdir, dataset=dataset, **TINY)
     finally:
         logger.removeHandler(handler)
+
+
+def test_sighup_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
+    """A closed terminal (SIGHUP) stops like SIGTERM: a checkpoint, not a dead run."""
+    workdir = str(tmp_path / "sighup")
+    result = train_signalled_at_start(workdir, tiny_data, signal.SIGHUP)
     assert result.interrupted and int(result.state.step) == 1
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
 

@@ -2,7 +2,6 @@
 and the failure paths (corrupt or foreign checkpoints, conflicts, NaN data, bad outputs)."""
 
 import json
-import logging
 import os
 
 import jax
@@ -245,20 +244,11 @@ def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
     dispatch with a checkpoint that a later run resumes from."""
     import signal
 
-    class SignalOnStart(logging.Handler):
-        def emit(self, record):
-            if record.getMessage().startswith("training"):
-                os.kill(os.getpid(), signal.SIGINT)
+    from test_stopping import train_signalled_at_start
 
     workdir = str(tmp_path / "sigint")
     before = signal.getsignal(signal.SIGINT)  # (SIG_IGN when pytest runs in the background)
-    handler, logger = SignalOnStart(), logging.getLogger("diffusion_jax.training")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        result = training.train(workdir, dataset=tiny_data, **TINY)
-    finally:
-        logger.removeHandler(handler)
+    result = train_signalled_at_start(workdir, tiny_data, signal.SIGINT)
     # The first dispatch is a single step (later ones fit training.DISPATCH_SECONDS).
     assert result.interrupted and int(result.state.step) == 1
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
