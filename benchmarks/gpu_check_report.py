@@ -25,6 +25,18 @@ def table_rows(markdown: str) -> int:
     )
 
 
+def bench_result(path: str, printed: list[str]) -> dict:
+    """benchmark.py's report: its file ``path``, or if it was killed before writing one (a
+    SIGINT is only acted on between compilations), the tables and headings it ``printed``."""
+    if os.path.exists(path):
+        with open(path) as f:
+            text, source = f.read(), os.path.basename(path)
+    else:
+        text = "\n".join(x for x in printed if x.startswith(("|", "#")))
+        source = "its printed tables (it wrote no file)"
+    return dict(markdown=text, source=source, rows=table_rows(text)) if text.strip() else {}
+
+
 def read_metrics(path: str) -> list[dict]:
     """The records of a metrics.jsonl, skipping a line cut off by a kill."""
     records = []
@@ -123,7 +135,7 @@ def report_markdown(meta: dict, results: dict, stages) -> str:
     bench = s("bench")
     if bench.get("markdown"):
         # its headings one level below this section's
-        lines += [f"Table rows written: {bench['rows']}.", ""]
+        lines += [f"Table rows: {bench['rows']}, from {bench['source']}.", ""]
         lines += [("##" + x if x.startswith("#") else x) for x in bench["markdown"].splitlines()]
     else:
         lines.append(f"No benchmark output ({bench.get('status', 'not run')}).")

@@ -13,7 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # `benchmarks` and `tools` are folders of the repository
 
 from benchmarks import gpu_check  # noqa: E402
-from benchmarks.gpu_check_report import evaluation_numbers, table_rows  # noqa: E402
+from benchmarks.gpu_check_report import (  # noqa: E402
+    bench_result,
+    evaluation_numbers,
+    table_rows,
+)
 
 
 def test_export_reads_back_as_mnist5k_and_dry_run_writes_the_report(tmp_path):
@@ -105,3 +109,13 @@ def test_readers_of_outputs():
              ' "floor_fd": 0.5', "}"]  # fmt: skip
     proc = gpu_check.Proc(0, 1.0, [(0.0, x) for x in lines], None, None, False, 0.0)
     assert evaluation_numbers(proc) == {"n": 20, "fd": 2.0, "floor_fd": 0.5, "fd_over_floor": 4.0}
+
+
+def test_bench_result_falls_back_on_printed_tables(tmp_path):
+    """A benchmark killed before writing its file still reports the rows it printed."""
+    printed = ["Traceback...", "| preset | batch |", "|---|---|", "| mnist | 128 |", "Interrupted"]
+    res = bench_result(str(tmp_path / "bench.md"), printed)
+    assert res["rows"] == 1 and res["markdown"] == "\n".join(printed[1:4])
+    assert bench_result(str(tmp_path / "bench.md"), ["Traceback..."]) == {}
+    (tmp_path / "bench.md").write_text("# b\n\n| a |\n|---|\n| 1 |\n| 2 |\n")
+    assert bench_result(str(tmp_path / "bench.md"), printed)["rows"] == 2
