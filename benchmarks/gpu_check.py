@@ -27,6 +27,7 @@ leaves a report), ``logs/STAGE.log``, ``bench.md``, ``metrics.jsonl`` and the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -135,17 +136,22 @@ def run_process(cmd, env, log_path, limit_s, *, stop_signal=signal.SIGTERM, stop
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
         signalled, reason, killed = None, None, False
-        while proc.poll() is None:
-            now = time.monotonic() - start
-            if signalled is None and (now >= limit_s or (stop_when and stop_when(now))):
-                reason = "limit" if now >= limit_s else "planned"
-                proc.send_signal(stop_signal)
-                signalled = now
-            elif signalled is not None and now >= signalled + GRACE_S:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what it started
-                killed = True
+        try:
+            while proc.poll() is None:
+                now = time.monotonic() - start
+                if signalled is None and (now >= limit_s or (stop_when and stop_when(now))):
+                    reason = "limit" if now >= limit_s else "planned"
+                    proc.send_signal(stop_signal)
+                    signalled = now
+                elif signalled is not None and now >= signalled + GRACE_S:
+                    killed = True
+                    break
+                time.sleep(0.05)
+        finally:  # (also when this script is interrupted: its own session would outlive it)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # its session: only what it started
                 proc.wait()
-            time.sleep(0.05)
         wall = time.monotonic() - start
         reader.join(timeout=5)
         log.write(f"exit code {proc.returncode} after {wall:.2f} s\n")
@@ -292,10 +298,13 @@ class Check:
 
 
 def git_commit() -> str:
-    """The checkout's commit (``+ local changes`` if dirty), or "unknown (no git)"."""
+    """The checkout's commit (``+ local changes`` if dirty), or "unknown (no git)" (also when
+    the checkout is a copy inside some other repository)."""
     try:
         run = lambda *a: subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True,
                                         timeout=10, check=True).stdout.strip()  # noqa: E731
+        if os.path.realpath(run("rev-parse", "--show-toplevel")) != os.path.realpath(ROOT):
+            return "unknown (no git)"
         dirty = " + local changes" if run("status", "--porcelain", "--untracked-files=no") else ""
         return run("rev-parse", "--short", "HEAD") + dirty
     except (OSError, subprocess.SubprocessError):
@@ -357,6 +366,8 @@ def main(argv=None) -> int:
     keep = bool(args.scratch)
     args.scratch = os.path.abspath(args.scratch or tempfile.mkdtemp(prefix="gpu_check_"))
     os.makedirs(args.scratch, exist_ok=True)
+    # SIGTERM (a time limit around this script) unwinds like Ctrl-C: the running stage is killed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     check = Check(args, argv)
     try:
         check.run()

@@ -119,3 +119,15 @@ def test_bench_result_falls_back_on_printed_tables(tmp_path):
     assert bench_result(str(tmp_path / "bench.md"), ["Traceback..."]) == {}
     (tmp_path / "bench.md").write_text("# b\n\n| a |\n|---|\n| 1 |\n| 2 |\n")
     assert bench_result(str(tmp_path / "bench.md"), printed)["rows"] == 2
+
+
+def test_a_stage_that_ignores_its_stop_signal_is_killed(tmp_path, monkeypatch):
+    """Overrun -> stop signal -> SIGKILL after the grace period, and the output up to then kept."""
+    monkeypatch.setattr(gpu_check, "GRACE_S", 0.5)
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up'); " \
+           "time.sleep(60)"  # fmt: skip
+    p = gpu_check.run_process([sys.executable, "-c", code], dict(os.environ),
+                              str(tmp_path / "x.log"), 1.0)  # fmt: skip
+    assert p.killed and p.reason == "limit" and p.wall_s < 10 and p.rc == -9
+    assert gpu_check.status_of(p) == "timed out, killed after the grace period"
+    assert p.find("^up$")[0] is not None and "exit code -9" in (tmp_path / "x.log").read_text()
