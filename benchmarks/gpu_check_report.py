@@ -93,8 +93,11 @@ def sampling_numbers(p: Proc) -> dict:
 
 
 def evaluation_numbers(p: Proc) -> dict:
-    """The JSON row evaluate.py --npz prints (its last ``{`` ... ``}`` block)."""
+    """The JSON row evaluate.py --npz prints (its last ``{`` ... ``}`` block), and the test
+    accuracy of the classifier it used (``classifier_accuracy``)."""
     text = [line for _, line in p.lines]
+    _, clf = p.find(r"^classifier .*: test accuracy ([\d.]+)")
+    found = {"classifier_accuracy": float(clf.group(1))} if clf else {}
     for i in reversed([i for i, line in enumerate(text) if line == "{"]):
         for j in range(i + 1, len(text)):
             if text[j] == "}":
@@ -105,8 +108,8 @@ def evaluation_numbers(p: Proc) -> dict:
                 row.pop("class_counts", None)
                 if row.get("fd") is not None and row.get("floor_fd"):
                     row["fd_over_floor"] = row["fd"] / row["floor_fd"]
-                return row
-    return {}
+                return dict(found, **row)
+    return found
 
 
 # ---------------------------------------------------------------- the report
@@ -173,10 +176,11 @@ def report_markdown(meta: dict, results: dict, stages) -> str:
     e = s("evaluate")
     lines += [
         md_table(["samples", "accuracy", "FD", "floor FD", "FD/floor", "real accuracy",
-                  "wall s (classifier included)", "status"],
+                  "classifier test accuracy", "wall s (classifier included)", "status"],
                  [[e.get("n", "n/a"), fmt(e.get("accuracy"), ".3f"), fmt(e.get("fd"), ".3g"),
                    fmt(e.get("floor_fd"), ".3g"), fmt(e.get("fd_over_floor"), ".2f"),
-                   fmt(e.get("real_accuracy"), ".3f"), fmt(e.get("wall_s"), ".1f"),
+                   fmt(e.get("real_accuracy"), ".3f"), fmt(e.get("classifier_accuracy"), ".4f"),
+                   fmt(e.get("wall_s"), ".1f"),
                    e.get("status", "not run")]]), "",
     ]  # fmt: skip
     return "\n".join(lines)

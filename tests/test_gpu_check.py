@@ -67,6 +67,7 @@ def test_export_reads_back_as_mnist5k_and_dry_run_writes_the_report(tmp_path):
         assert s["compile_s"] > 0 and s["sampling_s"] > 0 and s["npz"].endswith(".npz")
     e = stages["evaluate"]
     assert e["status"] == "ok" and e["n"] == 20 and 0 <= e["accuracy"] <= 1 and e["fd"] > 0
+    assert 0 < e["classifier_accuracy"] <= 1
     # the parsed numbers are the ones in the report's tables
     assert f"| cold | {stages['train_cold']['loop_start_s']:.1f} |" in report
     assert f"| {e['n']} | {e['accuracy']:.3f} | {e['fd']:.3g} |" in report
@@ -105,10 +106,13 @@ def test_bad_flags_are_usage_errors(tmp_path):
 def test_readers_of_outputs():
     text = "# t\n\n| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n\n| c |\n|---|\n| 5 |\n"
     assert table_rows(text) == 3
-    lines = ["classifier ...", "{", ' "n": 20,', ' "fd": 2.0,', ' "class_counts": [', "  1", " ],",
+    lines = ["classifier trained and saved to /c/idx:gpu_data-r2: test accuracy 0.9860",
+             "{", ' "n": 20,', ' "fd": 2.0,', ' "class_counts": [', "  1", " ],",
              ' "floor_fd": 0.5', "}"]  # fmt: skip
     proc = gpu_check.Proc(0, 1.0, [(0.0, x) for x in lines], None, None, False, 0.0)
-    assert evaluation_numbers(proc) == {"n": 20, "fd": 2.0, "floor_fd": 0.5, "fd_over_floor": 4.0}
+    assert evaluation_numbers(proc) == {
+        "classifier_accuracy": 0.986, "n": 20, "fd": 2.0, "floor_fd": 0.5, "fd_over_floor": 4.0
+    }
 
 
 def test_bench_result_falls_back_on_printed_tables(tmp_path):
