@@ -10,6 +10,9 @@ import sys
 os.environ["JAX_PLATFORMS"] = "cpu"
 # Commands run as subprocesses must not fill the user's ~/.cache with test programs.
 os.environ["DIFFUSION_JAX_COMPILATION_CACHE"] = "off"
+# Training keeps its steps_per_dispatch loop on the CPU, so the tests exercise the program that
+# GPUs and TPUs run (on its own the CPU takes one straight-line step per dispatch).
+os.environ["DIFFUSION_JAX_CPU_STEP_LOOP"] = "1"
 # Test programs are tiny and compile once: XLA's backend optimisations cost more time (a tiny
 # U-Net's init compiles in 15 s with them, 6 s without) than they save.
 os.environ["XLA_FLAGS"] = (

@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 from conftest import TINY
 
@@ -166,3 +167,25 @@ def test_no_checkpoint_yet_is_said_in_words():
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_stop_signals(sig):
     assert getattr(signal, sig) in hooks.STOP_SIGNALS
+
+
+def test_on_the_cpu_each_dispatch_is_one_straight_line_step(monkeypatch, tmp_path, straight_run,
+                                                           tiny_data):
+    """XLA:CPU runs the loop program's convolution gradients ~25x slower, so on the CPU training
+    dispatches single straight-line steps (a one-step dispatch of the default preset inside the
+    loop did not end within 4 minutes here) unless $DIFFUSION_JAX_CPU_STEP_LOOP is 1, as in these
+    tests; both programs train to the same parameters."""
+    from diffusion_jax import sharding
+
+    mesh = sharding.data_mesh()
+    assert training.loop_steps(get_config("mnist"), mesh) == 50  # (the tests keep the loop)
+    monkeypatch.delenv(training.CPU_LOOP_ENV)
+    assert training.loop_steps(get_config("mnist"), mesh) == 1
+    assert training.loop_steps(get_config("cpu"), mesh) == 1
+
+    _, looped = straight_run  # the same tiny run, 8 steps through the fori_loop program
+    straight = training.train(str(tmp_path / "straight"), dataset=tiny_data, **TINY)
+    assert int(straight.state.step) == int(looped.state.step) == 8
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state.params),
+                    jax.tree_util.tree_leaves(looped.state.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
