@@ -78,14 +78,6 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def wait_ready(tree, poll_seconds: float = 0.01) -> None:
-    """Wait until every array of ``tree`` is computed, polling rather than blocking in C++,
-    so that Python signal handlers (a Ctrl-C, a SIGTERM) run while a dispatch is computing."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    while not all(x.is_ready() for x in leaves):
-        time.sleep(poll_seconds)
-
-
 class MetricsWindow:
     """The metric sums of the dispatches since the last record. They stay on the device until
     :meth:`record` (reading them would wait for each dispatch to finish)."""

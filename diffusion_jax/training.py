@@ -22,9 +22,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from diffusion_jax import checkpoints, data, hooks, losses, models, runs, sharding
+from diffusion_jax import checkpoints, data, dispatch, hooks, losses, models, runs, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.optimization import ema_decay_at, learning_rate, make_optimizer
 from diffusion_jax.schedules import make_schedule
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ ConfigConflictError = runs.ConfigConflictError
 # A dispatch's wall time is kept near this (its step count adapts from measured step times),
 # so a stop signal is acted on within about this long even on a slow CPU; on a GPU a dispatch of
 # steps_per_dispatch steps is far shorter and the cap never binds.
-DISPATCH_SECONDS = 10.0
-# Set to 1 to keep the steps_per_dispatch loop on the CPU (see loop_steps); the tests do, so that
-# they exercise the program GPUs and TPUs run.
-CPU_LOOP_ENV = "DIFFUSION_JAX_CPU_STEP_LOOP"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -57,37 +54,6 @@ class TrainResult(NamedTuple):
     state: TrainState
     config: config_lib.Config
     interrupted: bool
-
-
-def learning_rate(config) -> optax.Schedule:
-    """Linear warm-up to ``config.lr``, then cosine decay to lr / 10 at ``num_steps``.
-
-    The warm-up is shortened to leave at least one decay step in runs shorter than it.
-    """
-    warmup = min(config.warmup_steps, config.num_steps - 1)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.lr,
-        warmup_steps=warmup,
-        decay_steps=config.num_steps,  # > warmup, which is at most num_steps - 1
-        end_value=config.lr / 10,
-    )
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-    """Global-norm clipping and AdamW; non-finite updates are skipped (and counted)."""
-    opt = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip),
-        optax.adamw(learning_rate(config), weight_decay=config.weight_decay),
-    )
-    # The training loop stops long before this many consecutive skips are reached.
-    return optax.apply_if_finite(opt, max_consecutive_errors=2**30)
-
-
-def ema_decay_at(step, decay: float):
-    """EMA decay with a warm-up, min(decay, (1 + step) / (10 + step)), so short runs are usable."""
-    step = jnp.asarray(step, jnp.float32)
-    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def init_state(config, model, optimizer, example_shape) -> TrainState:
@@ -118,18 +84,6 @@ def make_train_steps(config, mesh=None, num_shards: int = 1):
     mesh = mesh or sharding.data_mesh()
     sharding.check_num_shards(num_shards, mesh)
     return _make_train_steps(config_lib.math_part(config), mesh, num_shards)
-
-
-def loop_steps(config, mesh) -> int:
-    """The most steps one dispatch of the training loop runs on ``mesh``: the config's
-    ``steps_per_dispatch``, except on the CPU, where XLA runs the convolution gradients inside
-    the loop program ~25x slower than as straight-line code (58 s vs 2.2 s per step of the cpu
-    preset, jax 0.10.2): there every dispatch is one straight-line step (so a signal is also
-    answered within one step), unless ``$DIFFUSION_JAX_CPU_STEP_LOOP`` is 1."""
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    if on_cpu and os.environ.get(CPU_LOOP_ENV) != "1":
-        return 1
-    return config.steps_per_dispatch
 
 
 def device_data(dataset: data.Dataset, mesh, num_shards: int):
@@ -350,13 +304,6 @@ def _last_good(mngr) -> str:
     return f"step {step}"
 
 
-def next_dispatch_steps(cap: int, elapsed: float, n: int, limit: float = DISPATCH_SECONDS) -> int:
-    """The step cap of the next dispatch, after one of ``n`` steps took ``elapsed`` seconds:
-    as many steps as fit in ``limit`` seconds, at most twice ``cap`` (at least 1)."""
-    fit = int(limit * n / max(elapsed, 1e-9))
-    return max(1, min(2 * max(cap, 1), fit))
-
-
 def _grid_path(workdir: str, step: int) -> str:
     return os.path.join(workdir, "samples", f"step_{step:07d}.png")
 
@@ -405,7 +352,7 @@ def _train(run: runs.Run, *, progress: bool, tensorboard: bool) -> TrainResult:
 def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainResult:
     """Train from ``state`` to ``run.end``, checkpointing into ``mngr``."""
     config, workdir, start = run.config, run.workdir, int(state.step)
-    per_dispatch = loop_steps(config, run.mesh)
+    per_dispatch = dispatch.loop_steps(config, run.mesh)
     train_steps = make_train_steps(
         dataclasses.replace(config, steps_per_dispatch=per_dispatch), run.mesh, run.num_shards
     )
@@ -423,7 +370,7 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
     window = hooks.MetricsWindow(start, learning_rate(config), config.batch_size)
     sinks = []
     step, interrupted, streak = start, False, 0
-    # The first dispatch is one step; later ones as many as fit in DISPATCH_SECONDS.
+    # The first dispatch is one step; later ones as many as fit in dispatch.SECONDS.
     cap = 1
     try:
         if run.is_main:
@@ -451,8 +398,8 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
                 # ends). This also keeps XLA:CPU's all-reduce from deadlocking, which it does
                 # with many multi-device dispatches queued (jax 0.10.2).
                 queued = time.perf_counter()  # (after the call: compiling is not timed)
-                hooks.wait_ready(sums)
-                cap = next_dispatch_steps(cap, time.perf_counter() - queued, n)
+                dispatch.wait_ready(sums)
+                cap = dispatch.next_steps(cap, time.perf_counter() - queued, n)
                 step += n
                 window.add(sums)
                 for sink in sinks:

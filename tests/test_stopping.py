@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from diffusion_jax import hooks, models, training
+from diffusion_jax import dispatch, hooks, models, training
 from diffusion_jax.config import get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,10 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_dispatch_length_fits_the_time_limit():
     """The first dispatch is one step; later ones grow at most 2x, to what fits the limit."""
-    assert training.next_dispatch_steps(1, 0.001, 1, limit=10.0) == 2  # fast: doubles
-    assert training.next_dispatch_steps(32, 0.01, 32, limit=10.0) == 64
-    assert training.next_dispatch_steps(50, 100.0, 50, limit=10.0) == 5  # 2 s a step
-    assert training.next_dispatch_steps(1, 36.0, 1, limit=10.0) == 1  # never 0
+    assert dispatch.next_steps(1, 0.001, 1, limit=10.0) == 2  # fast: doubles
+    assert dispatch.next_steps(32, 0.01, 32, limit=10.0) == 64
+    assert dispatch.next_steps(50, 100.0, 50, limit=10.0) == 5  # 2 s a step
+    assert dispatch.next_steps(1, 36.0, 1, limit=10.0) == 1  # never 0
 
 
 def test_the_fori_loop_step_is_traced_once(monkeypatch):
@@ -178,10 +178,10 @@ def test_on_the_cpu_each_dispatch_is_one_straight_line_step(monkeypatch, tmp_pat
     from diffusion_jax import sharding
 
     mesh = sharding.data_mesh()
-    assert training.loop_steps(get_config("mnist"), mesh) == 50  # (the tests keep the loop)
-    monkeypatch.delenv(training.CPU_LOOP_ENV)
-    assert training.loop_steps(get_config("mnist"), mesh) == 1
-    assert training.loop_steps(get_config("cpu"), mesh) == 1
+    assert dispatch.loop_steps(get_config("mnist"), mesh) == 50  # (the tests keep the loop)
+    monkeypatch.delenv(dispatch.CPU_LOOP_ENV)
+    assert dispatch.loop_steps(get_config("mnist"), mesh) == 1
+    assert dispatch.loop_steps(get_config("cpu"), mesh) == 1
 
     _, looped = straight_run  # the same tiny run, 8 steps through the fori_loop program
     straight = training.train(str(tmp_path / "straight"), dataset=tiny_data, **TINY)

@@ -249,7 +249,7 @@ def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
     workdir = str(tmp_path / "sigint")
     before = signal.getsignal(signal.SIGINT)  # (SIG_IGN when pytest runs in the background)
     result = train_signalled_at_start(workdir, tiny_data, signal.SIGINT)
-    # The first dispatch is a single step (later ones fit training.DISPATCH_SECONDS).
+    # The first dispatch is a single step (later ones fit dispatch.SECONDS).
     assert result.interrupted and int(result.state.step) == 1
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
