@@ -66,6 +66,7 @@ DEFAULT_MODULES = (
     "inpainting",
     "metrics",
     "embeddings",
+    "optimization",
     "training",
     "hooks",
     "classifier",
@@ -90,6 +91,7 @@ MODULE_TESTS = {
         "tests/test_networks.py::test_mlp_denoiser",
         "tests/test_networks.py::test_unet_shapes_and_zero_init",
     ],
+    "optimization": ["tests/test_optimizer.py"],
     "training": ["tests/test_optimizer.py"],
     "hooks": ["tests/test_hooks.py"],
     "classifier": [
@@ -122,9 +124,6 @@ MODULE_TESTS = {
 MODULE_FUNCTIONS = {
     # not the workdir lock, signals, metrics log or sample grids
     "training": [
-        "learning_rate",
-        "make_optimizer",
-        "ema_decay_at",
         "init_state",
         "step_metrics",
         "_make_train_steps",
