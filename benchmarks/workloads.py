@@ -80,8 +80,8 @@ def train_program(config, dataset, mesh=None, num_shards: int = 1):
     from diffusion_jax import models, sharding, training
 
     mesh = sharding.data_mesh() if mesh is None else mesh
-    model, opt = models.build_model(config), training.make_optimizer(config)
-    state = training.init_state(config, model, opt, (1, *dataset.train_x.shape[1:]))
+    model = models.build_model(config)
+    state = training.init_state(config, model, (1, *dataset.train_x.shape[1:]))
     train_x, train_y = training.device_data(dataset, mesh, num_shards)
     steps_fn = training.make_train_steps(config, mesh, num_shards)
     return steps_fn, sharding.replicate(state, mesh), train_x, train_y

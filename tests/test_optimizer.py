@@ -99,8 +99,8 @@ def ema_run(tiny_data):
     mesh = sharding.data_mesh()
     steps = training.make_train_steps(config, mesh)
     train_x, train_y = training.device_data(tiny_data, mesh, 1)
-    model, optimizer = training.models.build_model(config), training.make_optimizer(config)
-    state = training.init_state(config, model, optimizer, (1, *tiny_data.train_x.shape[1:]))
+    model = training.models.build_model(config)
+    state = training.init_state(config, model, (1, *tiny_data.train_x.shape[1:]))
     # placed and called as training.train does, so the session's compiled step is reused
     state = sharding.replicate(state, mesh)
     states, step_losses = [state], []

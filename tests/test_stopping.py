@@ -46,7 +46,7 @@ def test_the_fori_loop_step_is_traced_once(monkeypatch):
     model = models.build_model(config)
     shape = (1, 8, 8, 1)
     state = jax.eval_shape(
-        lambda: training.init_state(config, model, training.make_optimizer(config), shape)
+        lambda: training.init_state(config, model, shape)
     )
     x = jax.ShapeDtypeStruct((1, 16, 8, 8, 1), jax.numpy.float32)
     y = jax.ShapeDtypeStruct((1, 16), jax.numpy.int32)
