@@ -149,7 +149,9 @@ def drop_records_after(path: str, step: int) -> None:
         except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
             damaged += 1
     if damaged:
-        backup = path + ".bak"
+        backup, n = path + ".bak", 1
+        while os.path.exists(backup):  # an earlier backup is never replaced
+            backup, n = f"{path}.bak{n}", n + 1
         with images.written(backup) as tmp, open(tmp, "wb") as f:
             f.writelines(lines)
         logger.warning(

@@ -153,6 +153,12 @@ def test_damaged_metrics_lines_are_dropped_with_a_backup(tmp_path, caplog):
     assert path.read_bytes() == good[0] + good[1]
     assert (tmp_path / "metrics.jsonl.bak").read_bytes() == original
     assert str(path) in caplog.text and "metrics.jsonl.bak" in caplog.text
+    # damaged again: the first backup is kept, the second goes beside it
+    second = good[0] + b"cut sh"
+    path.write_bytes(second)
+    hooks.drop_records_after(str(path), 2)
+    assert (tmp_path / "metrics.jsonl.bak").read_bytes() == original
+    assert (tmp_path / "metrics.jsonl.bak1").read_bytes() == second
 
 
 def test_no_checkpoint_yet_is_said_in_words():
