@@ -395,16 +395,26 @@ def _load_cached(dataset: str, data_dir: str, image_size: int) -> Dataset:
 # ---------------------------------------------------------------- batches on the device
 
 
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Batches in one epoch: the last incomplete batch is dropped."""
+    return num_examples // batch_size
+
+
+def epoch_order(data_key: jax.Array, epoch, num_examples: int) -> jnp.ndarray:
+    """The order in which epoch ``epoch`` visits the examples: int32 (num_examples,), a
+    permutation drawn from ``fold_in(data_key, epoch)``."""
+    return jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+
+
 def batch_indices(data_key: jax.Array, step, num_examples: int, batch_size: int) -> jnp.ndarray:
     """Indices of the examples of training step ``step``: int32 (batch_size,).
 
-    Each epoch is a fresh permutation drawn from ``fold_in(data_key, epoch)``; the last
-    incomplete batch of an epoch is dropped. Stateless, so a resumed run sees the same batches.
+    Each epoch is a fresh permutation (:func:`epoch_order`); the last incomplete batch of an
+    epoch is dropped. Stateless, so a resumed run sees the same batches.
     """
-    steps_per_epoch = num_examples // batch_size
-    epoch, i = step // steps_per_epoch, step % steps_per_epoch
-    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
-    return jax.lax.dynamic_slice(perm, (i * batch_size,), (batch_size,))
+    spe = steps_per_epoch(num_examples, batch_size)
+    order = epoch_order(data_key, step // spe, num_examples)
+    return jax.lax.dynamic_slice(order, ((step % spe) * batch_size,), (batch_size,))
 
 
 def shard_rows(num_examples: int, shard: int, num_shards: int) -> np.ndarray:
@@ -413,13 +423,47 @@ def shard_rows(num_examples: int, shard: int, num_shards: int) -> np.ndarray:
     return np.arange(shard, num_examples, num_shards)[: num_examples // num_shards]
 
 
+def _shard_key(data_key, shard, num_shards):
+    # one shard walks the epochs of data_key itself: the order of runs made before data shards
+    return data_key if num_shards == 1 else jax.random.fold_in(data_key, shard)
+
+
 def shard_batch_indices(data_key, step, shard_size: int, batch_size: int, num_shards: int):
     """Each shard's part of the batch of step ``step``: int32 (num_shards, batch_size /
     num_shards), indices into the shard. Shard s walks its own epochs, keyed by fold_in(data_key,
     s); one shard is the batch of :func:`batch_indices` under ``data_key`` itself."""
-    if num_shards == 1:  # the order of runs made before data shards existed
-        return batch_indices(data_key, step, shard_size, batch_size)[None]
     per_shard = batch_size // num_shards
     return jax.vmap(
-        lambda s: batch_indices(jax.random.fold_in(data_key, s), step, shard_size, per_shard)
+        lambda s: batch_indices(_shard_key(data_key, s, num_shards), step, shard_size, per_shard)
     )(jnp.arange(num_shards))
+
+
+def dispatch_epochs(steps_per_dispatch: int, shard_size: int, batch_size: int, num_shards: int):
+    """How many epochs a dispatch of at most ``steps_per_dispatch`` steps can touch, wherever
+    in an epoch it starts: the number of epoch orders :func:`dispatch_orders` draws."""
+    spe = steps_per_epoch(shard_size, batch_size // num_shards)
+    return 1 + (spe + steps_per_dispatch - 2) // spe
+
+
+def dispatch_orders(data_key, first_step, shard_size: int, batch_size: int, num_shards: int,
+                    num_epochs: int):
+    """Every shard's example order for the ``num_epochs`` epochs from the one holding step
+    ``first_step``: int32 (num_epochs, num_shards, shard_size). Drawn once per dispatch, so a
+    dispatch's steps slice them (:func:`batch_from_orders`) instead of each drawing a
+    permutation of the whole data set."""
+    spe = steps_per_epoch(shard_size, batch_size // num_shards)
+    epochs = first_step // spe + jnp.arange(num_epochs)
+    return jax.vmap(
+        lambda e: jax.vmap(
+            lambda s: epoch_order(_shard_key(data_key, s, num_shards), e, shard_size)
+        )(jnp.arange(num_shards))
+    )(epochs)
+
+
+def batch_from_orders(orders, first_step, step, batch_size: int, num_shards: int):
+    """:func:`shard_batch_indices` of ``step`` read from ``dispatch_orders(.., first_step, ..)``:
+    int32 (num_shards, batch_size / num_shards). ``step`` must lie in the orders' epochs."""
+    per_shard = batch_size // num_shards
+    spe = steps_per_epoch(orders.shape[-1], per_shard)
+    order = orders[step // spe - first_step // spe]
+    return jax.lax.dynamic_slice_in_dim(order, (step % spe) * per_shard, per_shard, axis=1)

@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 
 SECONDS = 10.0  # what a dispatch may take, so that a stop comes within about that
 # Set to 1 to keep the steps_per_dispatch loop on the CPU (see loop_steps); the tests do, so that
@@ -37,7 +38,28 @@ def next_steps(cap: int, elapsed: float, n: int, limit: float = SECONDS) -> int:
     return max(1, min(2 * max(cap, 1), fit))
 
 
-def wait_ready(tree, poll_seconds: float = 0.01) -> None:
+def size(cap: int, limit: int, chunk: int, *bounds: int) -> int:
+    """The steps of the next dispatch: at most ``cap`` (the time budget), ``limit`` (the
+    program's steps_per_dispatch) and every bound (steps left to the next boundary), rounded down
+    to whole ``chunk``s when there are at least one, since the program computes whole chunks
+    (the steps past the count are dropped)."""
+    n = min(cap, limit, *bounds)
+    return n - n % chunk if n >= chunk else n
+
+
+@jax.jit
+def _copy(tree):
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def snapshot(tree):
+    """A device copy of ``tree``, made by one program queued behind whatever computes it: it
+    outlives a later dispatch that donates ``tree``'s buffers, so a checkpoint of it can be
+    written while that dispatch runs."""
+    return _copy(tree)
+
+
+def wait_ready(tree, poll_seconds: float = 0.002) -> None:
     """Wait until every array of ``tree`` is computed, polling rather than blocking in C++,
     so that Python signal handlers (a Ctrl-C, a SIGTERM) run while a dispatch is computing."""
     leaves = jax.tree_util.tree_leaves(tree)

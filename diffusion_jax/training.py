@@ -9,206 +9,54 @@ resumed therefore computes exactly what an uninterrupted run computes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import struct
 
-from diffusion_jax import checkpoints, data, dispatch, hooks, losses, models, runs, sharding
+from diffusion_jax import checkpoints, data, dispatch, hooks, models, runs, sharding, train_step
 from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.optimization import ema_decay_at, learning_rate, make_optimizer
-from diffusion_jax.schedules import make_schedule
+from diffusion_jax.train_step import (
+    TrainState,
+    device_data,
+    init_state,
+    make_train_steps,
+    step_metrics,
+)
+
+# (re-exported: the state and the step program are part of what training offers)
+__all__ = [
+    "TrainState",
+    "TrainResult",
+    "TrainingDivergedError",
+    "device_data",
+    "ema_decay_at",
+    "init_state",
+    "learning_rate",
+    "make_optimizer",
+    "make_train_steps",
+    "step_metrics",
+    "train",
+]
 
 logger = logging.getLogger(__name__)
 # (raised by train; defined with the run resolution)
 ConfigConflictError = runs.ConfigConflictError
 
 
-# A dispatch's wall time is kept near this (its step count adapts from measured step times),
-# so a stop signal is acted on within about this long even on a slow CPU; on a GPU a dispatch of
-# steps_per_dispatch steps is far shorter and the cap never binds.
-
-
 class TrainingDivergedError(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps."""
-
-
-@struct.dataclass
-class TrainState:
-    step: jnp.ndarray  # int32 scalar: the number of optimizer steps taken
-    params: Any
-    opt_state: Any
-    ema_params: Any
 
 
 class TrainResult(NamedTuple):
     state: TrainState
     config: config_lib.Config
     interrupted: bool
-
-
-def init_state(config, model, example_shape) -> TrainState:
-    """The step-0 state for inputs of ``example_shape`` = (B, ...): parameters, the optimiser
-    state of :func:`make_optimizer` and the EMA copy, computed by one jitted program (built
-    piecewise, they took some 55 small compiles before the first step)."""
-    model.check_input_shape(example_shape)
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
-    x = jnp.zeros(example_shape, jnp.float32)
-    t = jnp.zeros(example_shape[:1], jnp.int32)
-    return _init_program(config_lib.math_part(config), model)(key, x, t)
-
-
-@functools.lru_cache(maxsize=8)
-def _init_program(config, model):
-    optimizer = make_optimizer(config)
-
-    @jax.jit
-    def init(key, x, t):
-        params = model.init(key, x, t, t)["params"]
-        return TrainState(
-            step=jnp.int32(0),
-            params=params,
-            opt_state=optimizer.init(params),
-            ema_params=jax.tree_util.tree_map(jnp.copy, params),
-        )
-
-    return init
-
-
-def make_train_steps(config, mesh=None, num_shards: int = 1):
-    """A jitted ``fn(state, train_x, train_y, num_steps) -> (state, metric_sums)``.
-
-    Runs ``num_steps`` (a traced int: any count reuses the same program) optimizer steps on
-    device-resident data inside one ``lax.fori_loop``. ``metric_sums`` maps each of
-    :func:`step_metrics`' names to the sum of its values over those steps (``"loss"``: the sum
-    of their losses), so a logged value is a mean over the steps since the last record.
-    ``train_x`` (D, M, ...) and ``train_y`` (D, M) hold, on each of the mesh's D devices, the M
-    examples of that device's data shard (:func:`device_data`); each step takes an equal part of
-    the batch from every shard, and each device gathers its slice of the batch from its own rows.
-    Cached per config (its mathematical fields), mesh and shard count, so a resumed run in the
-    same process reuses the compiled program.
-    """
-    mesh = mesh or sharding.data_mesh()
-    sharding.check_num_shards(num_shards, mesh)
-    return _make_train_steps(config_lib.math_part(config), mesh, num_shards)
-
-
-def device_data(dataset: data.Dataset, mesh, num_shards: int):
-    """``(train_x, train_y)`` as (D, M, ...) and (D, M) global arrays for :func:`make_train_steps`:
-    the training set split into ``num_shards`` shards (:func:`data.shard_rows`), each device
-    holding its shard's M = N // num_shards examples. Each process builds only its devices' rows."""
-    n = dataset.train_x.shape[0]
-
-    def rows(s):
-        return data.shard_rows(n, s, num_shards)
-
-    return (
-        sharding.put_sharded_rows(dataset.train_x, mesh, num_shards, rows),
-        sharding.put_sharded_rows(dataset.train_y.astype(np.int32), mesh, num_shards, rows),
-    )
-
-
-def step_metrics(loss, grads) -> dict[str, jnp.ndarray]:
-    """What one optimizer step reports: float32 scalars by name. A new metric is one entry here
-    (metrics.jsonl, the progress bar and TensorBoard pick it up)."""
-    return {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-
-@functools.lru_cache(maxsize=8)
-def _make_train_steps(config, mesh, num_shards):
-    model, optimizer = models.build_model(config), make_optimizer(config)
-    schedule = make_schedule(config.schedule, config.num_timesteps)
-    denoise = models.denoiser(model, train=True)
-    base = jax.random.PRNGKey(config.seed)
-    data_key, step_key = jax.random.fold_in(base, 1), jax.random.fold_in(base, 2)
-    batched = sharding.batch_sharded(mesh)
-
-    def one_step(state: TrainState, train_x, train_y):
-        key = jax.random.fold_in(step_key, state.step)
-        key_loss, key_dropout = jax.random.split(key)
-        # (S, B/S) indices into each shard -> (D, B/D): shard s's part split over its devices.
-        # Device d gathers from its own rows, so no example crosses devices.
-        idx = data.shard_batch_indices(
-            data_key, state.step, train_x.shape[1], config.batch_size, num_shards
-        ).reshape(train_x.shape[0], -1)
-        idx = jax.lax.with_sharding_constraint(idx, batched)
-        # The batch is split over the mesh; the (replicated) parameters' gradients are then
-        # all-reduced by XLA. The random draws do not depend on the split (partitionable
-        # threefry), so with one shard any device count computes the same losses up to
-        # summation order.
-        x0, y0 = (
-            jax.lax.with_sharding_constraint(
-                jax.vmap(lambda rows, i: rows[i])(a, idx).reshape(-1, *a.shape[2:]), batched
-            )
-            for a in (train_x, train_y)
-        )
-
-        def loss_fn(params):
-            loss, _ = losses.diffusion_loss(
-                denoise,
-                params,
-                schedule,
-                key_loss,
-                x0,
-                y0,
-                null_label=config.null_label,
-                prediction=config.prediction,
-                loss_type=config.loss_type,
-                weighting=config.weighting,
-                min_snr_gamma=config.min_snr_gamma,
-                p_uncond=config.p_uncond,
-                rngs={"dropout": key_dropout},
-            )
-            return loss
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(state.step, config.ema_decay)
-        ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
-        # A skipped (non-finite) update must not move the EMA toward the unchanged parameters
-        # either: a skipped step leaves parameters, EMA and optimiser state as they were.
-        ema = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(opt_state.last_finite, new, old), ema, state.ema_params
-        )
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        return new, step_metrics(loss, grads)
-
-    if config.steps_per_dispatch == 1:
-        # XLA:CPU runs convolution gradients inside a while loop ~25x slower than the same
-        # gradients in straight-line code (measured here on jax 0.10.2: 58 s vs 2.2 s per step
-        # of the cpu preset), so one step per dispatch compiles without a loop. The count
-        # argument is then always 1.
-        @jax.jit
-        def train_steps(state, train_x, train_y, num_steps):
-            return one_step(state, train_x, train_y)
-
-    else:
-
-        @jax.jit
-        def train_steps(state, train_x, train_y, num_steps):
-            def body(_, carry):
-                state, sums = carry
-                state, values = one_step(state, train_x, train_y)
-                return state, jax.tree_util.tree_map(jnp.add, sums, values)
-
-            # The metrics' structure, from step_metrics alone: tracing one_step for it would
-            # trace the whole step a second time.
-            loss = jax.ShapeDtypeStruct((), jnp.float32)
-            shapes = jax.eval_shape(step_metrics, loss, state.params)
-            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-            return jax.lax.fori_loop(0, num_steps, body, (state, zeros))
-
-    return train_steps
 
 
 def train(
@@ -385,9 +233,10 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
     )
     window = hooks.MetricsWindow(start, learning_rate(config), config.batch_size)
     sinks = []
-    step, interrupted, streak = start, False, 0
-    # The first dispatch is one step; later ones as many as fit in dispatch.SECONDS.
-    cap = 1
+    step, interrupted, streak, pending = start, False, 0, None
+    # The first dispatch is one step; later ones as many as fit in dispatch.SECONDS, in whole
+    # chunks of the program's inner loop (train_step.chunk_steps), at most per_dispatch.
+    cap, chunk = 1, train_step.chunk_steps(per_dispatch)
     try:
         if run.is_main:
             sinks = hooks.sinks(
@@ -401,14 +250,16 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
                 f"examples) on {jax.devices()[0].platform}, {start} -> {config.num_steps} steps",
             )
             while step < run.end:
-                # Chunks end on every logging/checkpoint/sample boundary, so those are exact.
-                n = min(
-                    cap,
-                    per_dispatch,
-                    run.end - step,
-                    *[e - step % e for e in events if e],
+                # Dispatches end on every logging/checkpoint/sample boundary, so those are exact.
+                n = dispatch.size(
+                    cap, per_dispatch, chunk, run.end - step, *[e - step % e for e in events if e]
                 )
                 state, sums = train_steps(state, train_x, train_y, n)
+                if pending is not None:
+                    # Saved while the next dispatch computes: Orbax's copy to the host no
+                    # longer leaves the device idle at every checkpoint.
+                    streak = _checkpoint(run, mngr, *pending)
+                    pending = None
                 # One dispatch in flight at a time, waited for by polling so that a signal's
                 # handler runs meanwhile (a blocking read would hold it until the dispatch
                 # ends). This also keeps XLA:CPU's all-reduce from deadlocking, which it does
@@ -430,9 +281,13 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
                     grids(state.ema_params, _grid_path(workdir, step))
                 stop.agree()
                 stopping = stop.signal is not None or (run.stops_early and step >= run.end)
+                last = stopping or step in (run.end, config.num_steps)
                 streak = 0
                 if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
-                    streak = _checkpoint(run, mngr, step, state)
+                    if last:
+                        streak = _checkpoint(run, mngr, step, state)
+                    else:  # the next dispatch takes (donates) state's buffers: save a copy
+                        pending = (step, dispatch.snapshot(state))
                 if stop.signal is not None:
                     interrupted = True
                     _say(
@@ -445,6 +300,8 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
             if step == config.num_steps and streak:
                 raise _diverged(step, streak, _last_good(mngr), False)
     finally:
+        if pending is not None:  # the dispatch after it failed: the checkpoint is still due
+            _checkpoint(run, mngr, *pending)
         for sink in sinks:
             sink.close()
     return TrainResult(state, config, interrupted or step < config.num_steps)

@@ -160,6 +160,30 @@ def test_batch_indices_are_epoch_permutations():
     np.testing.assert_array_equal(data.batch_indices(key, 4, n, b), epoch1[3:6])
 
 
+@pytest.mark.parametrize(
+    "shard_size, batch, shards, per_dispatch",
+    [(10, 3, 1, 7), (45, 8, 1, 1), (45, 8, 1, 30), (24, 8, 2, 10)],
+)
+def test_a_dispatch_reads_the_batches_of_its_steps_from_orders_drawn_once(
+    shard_size, batch, shards, per_dispatch
+):
+    """The orders drawn at a dispatch's first step cover every step it can take, epoch
+    boundaries included, and give each step the batch it gets on its own."""
+    key = jax.random.PRNGKey(7)
+    spe = data.steps_per_epoch(shard_size, batch // shards)
+    epochs = data.dispatch_epochs(per_dispatch, shard_size, batch, shards)
+    for first in (0, 1, spe - 1, spe, 3 * spe + 1):
+        orders = data.dispatch_orders(key, first, shard_size, batch, shards, epochs)
+        assert orders.shape == (epochs, shards, shard_size)
+        for step in range(first, first + per_dispatch):
+            np.testing.assert_array_equal(
+                data.batch_from_orders(orders, first, step, batch, shards),
+                data.shard_batch_indices(key, step, shard_size, batch, shards),
+            )
+    # (a dispatch starting at an epoch's last step and longer than an epoch touches three)
+    assert data.dispatch_epochs(spe + 2, shard_size, batch, shards) == 3
+
+
 def test_unit_range_mapping():
     np.testing.assert_allclose(data.to_unit_range(np.array([-1.0, 0.0, 1.0, 3.0])), [0, 0.5, 1, 1])
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import sharding, training
+from diffusion_jax import dispatch, optimization, sharding, train_step, training
 from diffusion_jax.config import get_config
 
 
@@ -105,7 +105,8 @@ def ema_run(tiny_data):
     state = sharding.replicate(state, mesh)
     states, step_losses = [state], []
     for _ in range(4):
-        state, sums = steps(state, train_x, train_y, 1)
+        # (a copy: the step donates its input state's buffers, and the fixture keeps them all)
+        state, sums = steps(dispatch.snapshot(state), train_x, train_y, 1)
         loss = sums["loss"]
         states.append(state)
         step_losses.append(float(loss))
@@ -127,7 +128,7 @@ def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_
     mesh = sharding.data_mesh()
     bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
     train_x, train_y = training.device_data(bad, mesh, 1)
-    state, sums = steps(states[4], train_x, train_y, 1)
+    state, sums = steps(dispatch.snapshot(states[4]), train_x, train_y, 1)
     loss = sums["loss"]
     assert not np.isfinite(float(loss)) and int(state.step) == 5
     for field in ("params", "ema_params"):
@@ -140,11 +141,13 @@ def test_a_skipped_step_leaves_parameters_ema_and_optimiser_state(ema_run, tiny_
 
 def test_a_long_streak_of_non_finite_steps_is_all_skipped(ema_run, tiny_data):
     """The optimiser never gives up skipping by itself (the loop stops a diverging run at
-    max_nonfinite_steps): 61 non-finite steps in a row, in one dispatch, change nothing."""
+    max_nonfinite_steps): 61 non-finite steps in a row change nothing."""
     _, steps, states, _ = ema_run
     bad = tiny_data._replace(train_x=np.full_like(tiny_data.train_x, np.nan))
     train_x, train_y = training.device_data(bad, sharding.data_mesh(), 1)
-    state, _ = steps(states[4], train_x, train_y, 61)
+    state = dispatch.snapshot(states[4])
+    for n in [2] * 30 + [1]:  # (dispatches of the tiny preset's steps_per_dispatch)
+        state, _ = steps(state, train_x, train_y, n)
     assert int(state.opt_state.notfinite_count) == 61 and int(state.step) == 65
     for field in ("params", "ema_params"):
         np.testing.assert_array_equal(flat(getattr(state, field)), flat(getattr(states[4], field)))
@@ -156,24 +159,55 @@ def test_one_dispatch_of_several_steps_is_those_steps_one_by_one(ema_run, tiny_d
     config, steps, states, step_losses = ema_run
     assert config.steps_per_dispatch > 1  # the fori_loop program
     train_x, train_y = training.device_data(tiny_data, sharding.data_mesh(), 1)
-    state, sums = steps(states[1], train_x, train_y, 3)
+    state, sums = steps(dispatch.snapshot(states[2]), train_x, train_y, 2)
     loss_sum = sums["loss"]
     assert int(state.step) == 4
     for field in ("params", "ema_params"):
         np.testing.assert_allclose(
             flat(getattr(state, field)), flat(getattr(states[4], field)), rtol=1e-5, atol=1e-6
         )
-    assert float(loss_sum) == pytest.approx(sum(step_losses[1:]), rel=1e-5)
+    assert float(loss_sum) == pytest.approx(sum(step_losses[2:]), rel=1e-5)
 
 
 def test_the_train_step_runs_the_network_in_training_mode(monkeypatch):
     """Dropout is active in training: the step's denoiser is built with train=True. (The tiny
     preset has no dropout, so the steps above cannot see it; no program is compiled here.)"""
     seen = []
-    real = training.models.denoiser
+    real = train_step.models.denoiser
     monkeypatch.setattr(
-        training.models, "denoiser", lambda model, train=False: seen.append(train) or real(model)
+        train_step.models, "denoiser", lambda model, train=False: seen.append(train) or real(model)
     )
     config = training.config_lib.math_part(get_config("tiny", dropout=0.1))
-    training._make_train_steps.__wrapped__(config, sharding.data_mesh(), 1)  # uncached
+    train_step._make_train_steps.__wrapped__(config, sharding.data_mesh(), 1)  # uncached
     assert seen == [True]
+
+
+def test_skipping_nonfinite_updates_matches_optax_apply_if_finite_without_a_branch():
+    """skip_nonfinite gives optax.apply_if_finite's updates and state, step for step, through a
+    streak of non-finite gradients; its compiled update has no conditional (a GPU reads a
+    conditional's predicate back to the host), apply_if_finite's has one."""
+    import optax
+
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(0.1, weight_decay=0.01))
+    ours, theirs = optimization.skip_nonfinite(inner), optax.apply_if_finite(inner, 99)
+    rng = np.random.default_rng(1)
+    params = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": np.zeros(5, np.float32)}
+    grads = [jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(np.float32), params)
+             for _ in range(5)]
+    grads[1] = jax.tree.map(lambda a: np.full_like(a, np.inf), params)
+    grads[2] = dict(grads[2], b=np.full(5, np.nan, np.float32))
+    state_a, state_b = ours.init(params), theirs.init(params)
+    assert jax.tree.structure(state_a) == jax.tree.structure(state_b)  # checkpoints unchanged
+    for g in grads:
+        up_a, state_a = jax.jit(ours.update)(g, state_a, params)
+        up_b, state_b = jax.jit(theirs.update)(g, state_b, params)
+        np.testing.assert_array_equal(flat(up_a), flat(up_b))
+        for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(state_a.total_notfinite) == 2 and int(state_a.notfinite_count) == 0
+
+    def hlo(opt, state):
+        return jax.jit(opt.update).lower(grads[0], state, params).compile().as_text()
+
+    assert " conditional(" not in hlo(ours, state_a)
+    assert " conditional(" in hlo(theirs, state_b)  # (what the test would miss otherwise)

@@ -67,7 +67,7 @@ DEFAULT_MODULES = (
     "metrics",
     "embeddings",
     "optimization",
-    "training",
+    "train_step",
     "hooks",
     "classifier",
     "evaluation",
@@ -92,7 +92,7 @@ MODULE_TESTS = {
         "tests/test_networks.py::test_unet_shapes_and_zero_init",
     ],
     "optimization": ["tests/test_optimizer.py"],
-    "training": ["tests/test_optimizer.py"],
+    "train_step": ["tests/test_optimizer.py", "tests/test_training.py::test_loop_equals_steps"],
     "hooks": ["tests/test_hooks.py"],
     "classifier": [
         "tests/test_evaluation.py::test_the_classifier_recipe_is_pinned",
@@ -122,9 +122,10 @@ MODULE_TESTS = {
 # includes its methods and nested functions; "<module>" is the code outside any function, such
 # as module constants). Other modules are mutated whole.
 MODULE_FUNCTIONS = {
-    # not the workdir lock, signals, metrics log or sample grids
-    "training": [
+    # not the argument check of the public wrapper
+    "train_step": [
         "init_state",
+        "_init_program",
         "step_metrics",
         "_make_train_steps",
     ],
@@ -164,9 +165,15 @@ MODULE_FUNCTIONS = {
         "resize_images",
         "load_dataset",
         "_load_cached",
+        "steps_per_epoch",
+        "epoch_order",
         "batch_indices",
         "shard_rows",
+        "_shard_key",
         "shard_batch_indices",
+        "dispatch_epochs",
+        "dispatch_orders",
+        "batch_from_orders",
     ],
 }
 
