@@ -166,7 +166,11 @@ def make_schedule(name: str, num_timesteps: int) -> Schedule:
     return _schedule(np.arange(alpha_bar.shape[0]), alpha_bar, alpha_bar)
 
 
-SPACINGS = ("uniform", "logsnr", "quadratic")
+SPACINGS = ("uniform", "logsnr", "quadratic", "karras")
+# The spacings placed by the log-SNR of the training chain, which stop at its floor LOGSNR_MIN.
+SNR_SPACINGS = ("logsnr", "karras")
+# Karras et al. (2022)'s rho: sigma^(1/rho) evenly spaced; 7 is their choice for every dataset.
+KARRAS_RHO = 7.0
 
 
 # The noisy end of the "logsnr" spacing: half log-SNR -5.1, where sqrt(alpha_bar) ~ 0.006 (the
@@ -193,6 +197,25 @@ def _distinct(timesteps: np.ndarray, last: int) -> np.ndarray:
     return t
 
 
+def _log_snr(alpha_bar: np.ndarray) -> np.ndarray:
+    """log(abar / (1 - abar)) in float64, decreasing in t. Shape as ``alpha_bar``."""
+    abar = np.asarray(alpha_bar, np.float64)
+    return np.log(abar) - np.log1p(-abar)
+
+
+def _floor_last(logsnr: np.ndarray) -> int:
+    """The last timestep whose log-SNR is at least ``LOGSNR_MIN`` (t = 0 whatever its value)."""
+    return int(np.nonzero(logsnr >= min(LOGSNR_MIN, logsnr[0]))[0][-1])
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = KARRAS_RHO):
+    """Karras et al. (2022), eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho)
+    - sigma_max^(1/rho)))^rho for i = 0 .. N-1 (noisiest first). Shape (N,), float64; N >= 2."""
+    i = np.arange(num_steps, dtype=np.float64) / (num_steps - 1)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + i * (lo - hi)) ** rho
+
+
 def respaced_timesteps(
     num_timesteps: int, num_steps: int, spacing: str = "uniform", alpha_bar=None
 ) -> np.ndarray:
@@ -206,11 +229,18 @@ def respaced_timesteps(
     * ``"logsnr"``: evenly spaced in log-SNR = log(abar / (1 - abar)) (DPM-Solver's choice: equal
       steps of its variable lambda = log-SNR / 2), from t = 0 up to the last timestep whose
       log-SNR is at least ``LOGSNR_MIN`` (T-1 itself when the schedule ends above it, as the
-      linear one does); needs ``alpha_bar``, the training chain's (T,).
+      linear one does);
+    * ``"karras"``: Karras et al. (2022)'s grid, sigma^(1/7) evenly spaced (:func:`karras_sigmas`)
+      in sigma = sqrt((1 - abar) / abar) = exp(-log-SNR / 2), between the same two ends as
+      ``"logsnr"``: sparser than it near the data, denser at middle noise levels (rho -> infinity
+      would give "logsnr").
 
-    For K >= 2 both ends are included (0 and T-1, or the logsnr spacing's last step); K = 1
-    keeps only T-1 (one jump from noise to data). K = T gives every timestep for "uniform" and
-    "quadratic".
+    "logsnr" and "karras" (``SNR_SPACINGS``) need ``alpha_bar``, the training chain's (T,); their
+    targets are mapped to fractional timesteps by interpolating log-SNR linearly between
+    integers, then rounded (neighbours that collide are pushed apart, see :func:`_distinct`).
+
+    For K >= 2 both ends are included (0 and T-1, or the floor's last step); K = 1 keeps only the
+    last (one jump from noise to data). K = T gives every timestep for "uniform" and "quadratic".
     """
     num_timesteps = _check_num_timesteps(num_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)):
@@ -218,14 +248,13 @@ def respaced_timesteps(
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     last = num_timesteps - 1
-    if spacing == "logsnr":
+    if spacing in SNR_SPACINGS:
         if alpha_bar is None or np.shape(alpha_bar) != (num_timesteps,):
             raise ValueError(
-                f"spacing='logsnr' needs the training alpha_bar of shape ({num_timesteps},)"
+                f"spacing={spacing!r} needs the training alpha_bar of shape ({num_timesteps},)"
             )
-        abar = np.asarray(alpha_bar, np.float64)
-        logsnr = np.log(abar) - np.log1p(-abar)  # decreasing in t
-        last = int(np.nonzero(logsnr >= min(LOGSNR_MIN, logsnr[0]))[0][-1])
+        logsnr = _log_snr(alpha_bar)
+        last = _floor_last(logsnr)
     if not 1 <= num_steps <= last + 1:
         where = "" if last == num_timesteps - 1 else f", {last + 1} above the log-SNR floor"
         raise ValueError(
@@ -240,20 +269,22 @@ def respaced_timesteps(
         return np.round(np.linspace(last, 0, num_steps))[::-1].astype(np.int64)
     if spacing == "quadratic":
         return _distinct(last * u**2, last)
-    targets = logsnr[0] + u * (logsnr[last] - logsnr[0])
+    if spacing == "logsnr":
+        targets = logsnr[0] + u * (logsnr[last] - logsnr[0])
+    else:  # karras: sigma = exp(-logsnr / 2), its grid reversed to run from t = 0
+        sigmas = karras_sigmas(np.exp(-logsnr[0] / 2), np.exp(-logsnr[last] / 2), num_steps)
+        targets = -2.0 * np.log(sigmas[::-1])
     # The fractional timestep of each target, interpolating log-SNR linearly between integers.
     frac = np.interp(-targets, -logsnr[: last + 1], np.arange(last + 1, dtype=np.float64))
     return _distinct(frac, last)
 
 
 def max_steps(name: str, num_timesteps: int, spacing: str = "uniform") -> int:
-    """The most steps :func:`respace` can keep with ``spacing``: T, or for "logsnr" the
-    timesteps at or above ``LOGSNR_MIN``."""
-    if spacing != "logsnr":
+    """The most steps :func:`respace` can keep with ``spacing``: T, or for the
+    ``SNR_SPACINGS`` the timesteps at or above ``LOGSNR_MIN``."""
+    if spacing not in SNR_SPACINGS:
         return _check_num_timesteps(num_timesteps)
-    alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
-    logsnr = np.log(alpha_bar) - np.log1p(-alpha_bar)
-    return int(np.count_nonzero(logsnr >= min(LOGSNR_MIN, logsnr[0])))
+    return _floor_last(_log_snr(np.cumprod(1.0 - get_betas(name, num_timesteps)))) + 1
 
 
 def respace(name: str, num_timesteps: int, num_steps: int, spacing: str = "uniform") -> Schedule:

@@ -106,8 +106,8 @@ def training_log_snr(name, T):
 @pytest.mark.parametrize("T, K", [(1000, 10), (1000, 20), (30, 20), (30, 30), (50, 2), (50, 1)])
 def test_spacings_keep_distinct_steps_and_both_ends(name, spacing, T, K):
     alpha_bar, logsnr = training_log_snr(name, T)
-    # logsnr stops where the log-SNR falls below its floor (only the cosine tail does)
-    top = np.max(np.nonzero(logsnr >= LOGSNR_MIN)) if spacing == "logsnr" else T - 1
+    # logsnr and karras stop where the log-SNR falls below its floor (only the cosine tail does)
+    top = np.max(np.nonzero(logsnr >= LOGSNR_MIN)) if spacing in schedules.SNR_SPACINGS else T - 1
     assert max_steps(name, T, spacing) == top + 1
     if K > top + 1:
         floor = f", {top + 1} above the log-SNR floor" if top < T - 1 else ""
