@@ -140,3 +140,154 @@ def correlated_gaussian_eps(params, x, t, labels):
     marginal_cov = a * params["cov"][None] + (1.0 - a) * eye  # (B, D, D)
     centred = x - jnp.sqrt(a[:, :, 0]) * params["mu"]
     return jnp.sqrt(1.0 - a[:, :, 0]) * jnp.linalg.solve(marginal_cov, centred[..., None])[..., 0]
+
+
+def mixture_eps_np(x, alpha_bar, means, std, weights):
+    """Float64 optimal (unconditional) eps for a mixture of N(means[c], std^2 I), weights (C,),
+    at cumulative product ``alpha_bar``: the responsibility-weighted per-component optimum.
+    x (B, D)."""
+    x, means = np.asarray(x, np.float64), np.asarray(means, np.float64)
+    var = alpha_bar * std**2 + 1.0 - alpha_bar
+    diff = x[:, None, :] - np.sqrt(alpha_bar) * means[None]  # (B, C, D)
+    log_lik = -0.5 * np.sum(diff**2, axis=-1) / var + np.log(weights)
+    resp = np.exp(log_lik - log_lik.max(axis=1, keepdims=True))
+    resp /= resp.sum(axis=1, keepdims=True)
+    return np.einsum("bc,bcd->bd", resp, np.sqrt(1.0 - alpha_bar) * diff / var)
+
+
+# Gauss-Legendre nodes on [-1, 1]: exact for the polynomial part, and e^lambda over one step is
+# resolved to float64 rounding.
+_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(24)
+
+
+def exp_integral_of_interpolant(lam_s, lam_t, alpha_t, lams, values):
+    """sigma_t * integral over [lam_s, lam_t] of e^lambda P(lambda) d lambda, where P is the
+    Lagrange polynomial through (lams[j], values[j]) (the data prediction's interpolant in
+    lambda) and sigma_t e^lambda = alpha_t e^(lambda - lam_t). By quadrature, float64.
+
+    This is the exact solution's integral term of the data-prediction ODE (Lu et al. 2022,
+    eq. 9 of DPM-Solver++) with x0_hat replaced by its interpolant."""
+    half = 0.5 * (lam_t - lam_s)
+    lam_q = lam_s + half * (_GL_NODES + 1.0)
+    total = 0.0
+    for j, lam_j in enumerate(lams):
+        basis = np.ones_like(lam_q)
+        for m, lam_m in enumerate(lams):
+            if m != j:
+                basis *= (lam_q - lam_m) / (lam_j - lam_m)
+        weight = half * np.sum(_GL_WEIGHTS * alpha_t * np.exp(lam_q - lam_t) * basis)
+        total = total + weight * values[j]
+    return total
+
+
+def _chain(alpha_bar, x_start):
+    abar = np.asarray(alpha_bar, np.float64)
+    alpha, sigma = np.sqrt(abar), np.sqrt(1.0 - abar)
+    return alpha, sigma, np.log(alpha / sigma), np.asarray(x_start, np.float64)
+
+
+def _record(states, x):
+    if states is not None:
+        states.append(np.array(x, np.float64))
+
+
+def _order(max_order, history, i, num_rows, lower_order_final):
+    """One more than the predictions already made, at most max_order; at most i (the row the
+    step starts from) near the end of short chains."""
+    order = min(max_order, history + 1)
+    return min(order, i) if num_rows < lower_order_final else order
+
+
+def dpmpp3m_reference(x_start, alpha_bar, eps_fn, lower_order_final=10, states=None):
+    """DPM-Solver++(3M) in float64, not from the library: a third-order step integrates e^lambda
+    times the quadratic through the last three data predictions exactly (quadrature of the
+    Lagrange polynomial); second-order steps (the second step, and near the end of short chains)
+    are DPM-Solver++(2M)'s, first-order ones hold the data prediction constant. Arguments as
+    :func:`dpmpp2m_reference`; ``states``, a list, receives x at every row (noisiest first)."""
+    alpha, sigma, lam, x = _chain(alpha_bar, x_start)
+    K = len(lam)
+    data = []  # (row, data prediction), newest last
+    for i in range(K - 1, -1, -1):
+        _record(states, x)
+        data.append((i, (x - sigma[i] * eps_fn(x, i)) / alpha[i]))
+        if i == 0:
+            return data[-1][1]
+        order = _order(3, len(data) - 1, i, K, lower_order_final)
+        if order == 2:
+            h, h_prev = lam[i - 1] - lam[i], lam[i] - lam[i + 1]
+            d = data[-1][1] + h / (2.0 * h_prev) * (data[-1][1] - data[-2][1])
+            increment = -alpha[i - 1] * np.expm1(-h) * d
+        else:
+            rows = [row for row, _ in data[-order:]]
+            increment = exp_integral_of_interpolant(
+                lam[i], lam[i - 1], alpha[i - 1], lam[rows], [v for _, v in data[-order:]]
+            )
+        x = sigma[i - 1] / sigma[i] * x + increment
+    return x
+
+
+def unipc_reference(x_start, alpha_bar, eps_fn, lower_order_final=10, states=None):
+    """UniPC with B(h) = e^h - 1, data prediction, UniP-2 + UniC, in float64, not from the library
+    (Zhao et al. 2023). The predictor from row i is DPM-Solver++(2M)'s step (UniP-2 with its single
+    coefficient 1/2) from the corrected x_i, first order on the first step and near the end of
+    short chains. The corrector redoes that step once the network has seen the predicted x_{i-1}:
+    after a first-order predictor with the data predictions at both ends weighted 1/2 each
+    (UniC-1), else integrating e^lambda times the quadratic through the data predictions at rows
+    i+1, i, i-1 exactly (UniC-2, whose coefficients solve its order conditions). No corrector
+    after the last step. Arguments as :func:`dpmpp2m_reference`; ``states``, a list, receives the
+    predicted x at every row (noisiest first)."""
+    alpha, sigma, lam, x = _chain(alpha_bar, x_start)
+    K = len(lam)
+    data, corrected, orders = [], None, []  # orders: of the predictor steps taken
+    for i in range(K - 1, -1, -1):
+        _record(states, x)
+        data.append((x - sigma[i] * eps_fn(x, i)) / alpha[i])
+        if corrected is None:
+            corrected = x
+        else:
+            ratio = sigma[i] / sigma[i + 1]
+            if orders[-1] == 1:
+                increment = -alpha[i] * np.expm1(lam[i + 1] - lam[i]) * 0.5 * (data[-1] + data[-2])
+            else:
+                increment = exp_integral_of_interpolant(
+                    lam[i + 1], lam[i], alpha[i], lam[[i, i + 1, i + 2]], data[::-1][:3]
+                )
+            corrected = ratio * corrected + increment
+        if i == 0:
+            return data[-1]
+        orders.append(_order(2, len(data) - 1, i, K, lower_order_final))
+        h = lam[i - 1] - lam[i]
+        d = data[-1]
+        if orders[-1] == 2:
+            d = d + h / (2.0 * (lam[i] - lam[i + 1])) * (data[-1] - data[-2])
+        x = sigma[i - 1] / sigma[i] * corrected - alpha[i - 1] * np.expm1(-h) * d
+    return x
+
+
+# Adams-Bashforth weights for equal steps (newest first), orders 1 to 4.
+AB_WEIGHTS = {
+    1: [1.0],
+    2: [1.5, -0.5],
+    3: [23 / 12, -4 / 3, 5 / 12],
+    4: [55 / 24, -59 / 24, 37 / 24, -3 / 8],
+}
+
+
+def ipndm_reference(x_start, alpha_bar, eps_fn, states=None):
+    """iPNDM (Zhang & Chen 2022, the DEIS paper) in float64, not from the library: DDIM's ODE
+    dy/drho = eps in y = x / alpha, rho = sigma / alpha, stepped by Adams-Bashforth with the
+    equal-step weights of order min(4, steps taken + 1). After row 0 the chain ends on the data
+    prediction. Arguments as :func:`dpmpp2m_reference`; ``states``, a list, receives x at every
+    row (noisiest first)."""
+    alpha, sigma, _, x = _chain(alpha_bar, x_start)
+    rho = sigma / alpha
+    eps = []  # newest first
+    for i in range(len(rho) - 1, -1, -1):
+        _record(states, x)
+        eps.insert(0, eps_fn(x, i))
+        if i == 0:
+            return (x - sigma[0] * eps[0]) / alpha[0]
+        weights = AB_WEIGHTS[min(4, len(eps))]
+        slope = sum(w * e for w, e in zip(weights, eps, strict=False))
+        x = alpha[i - 1] * (x / alpha[i] + (rho[i - 1] - rho[i]) * slope)
+    return x
