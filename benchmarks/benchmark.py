@@ -1,34 +1,35 @@
 r"""Benchmarks of diffusion_jax: training throughput, sampling throughput, FLOPs, compile times.
 
-What it measures (each section prints a markdown table; all of them, with a header naming the
-machine, the library versions and the command line, go to one markdown file):
+What it measures (each section prints its markdown table row by row, each row as soon as it is
+measured; all of them, with a header naming the machine, the library versions and the command
+line, go to one markdown file):
 
-1. Training throughput (steps/s, images/s) per preset, batch size and activation dtype, with
-   the bfloat16 / float32 speed ratio. Synthetic data of the preset's image shape, so no data
-   set is needed.
-2. FLOPs per training step and per sampler step from XLA's cost analysis of the compiled
-   programs, the achieved TFLOP/s and the fraction of the device's peak.
-3. Sampling throughput: 1000-step ancestral (DDPM) and 50-step DDIM, each guided and unguided,
-   at several batch sizes up to the largest that fits in device memory, with the issue's
-   targets (one image in 1000 ancestral steps under 1 s; 10,000 guided DDIM-50 samples under
-   15 s, both on an H100).
+1. Training throughput (steps/s, images/s) per preset, activation dtype and batch size, with
+   the bfloat16 / float32 speed ratio, on synthetic data of the preset's image shape.
+2. FLOPs per training step and per sampler step from XLA's cost analysis of the very programs
+   timed (one compile per row), the achieved TFLOP/s and the fraction of the device's peak.
+3. Sampling throughput: ancestral (DDPM, 1000 steps), DDIM (50) and DPM-Solver++(2M) (20),
+   guided and unguided, at several batch sizes up to the largest that fits in device memory,
+   with the issue's targets (one image in 1000 ancestral steps under 1 s; 10,000 guided DDIM-50
+   samples under 15 s, both on an H100).
 4. The chain driven from Python (one jitted step per dispatch) against the compiled lax.scan.
 5. lax.scan unroll factors of the DDIM sampler.
-6. Compile times of the train step and of every sampler program.
+6. Compile times of every program above (a summary at the end).
 
-Parameters are random (freshly initialised), which changes nothing about the speed.
+Parameters are random (freshly initialised), which changes nothing about the speed. No row
+starts once --budget_s (counted from the start, compiles included) is spent; the rows not run
+are marked in their tables and listed at the end.
 
 Run it from the repository root:
 
   # GPU/TPU: the full set, written to docs/BENCHMARKS.md
   python benchmarks/benchmark.py
 
+  # one GPU, about 3 minutes: training f32/bf16 at two batch sizes, three samplers
+  python benchmarks/benchmark.py --gpu_quick --out bench.md
+
   # CPU: a small smoke run, printed only
   JAX_PLATFORMS=cpu python benchmarks/benchmark.py --presets tiny --quick --out -
-
-  # CPU: the cpu preset, small sizes
-  JAX_PLATFORMS=cpu python benchmarks/benchmark.py --presets cpu --quick \
-      --train_batch_sizes 16 --sample_batch_sizes 1 --out docs/BENCHMARKS_cpu.md
 
 Everything that was run (batch sizes, step counts, repeats, skipped parts) is printed in the
 output; nothing is chosen silently per platform except that the "max" batch search runs on CPU
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 import traceback
 
 if __package__ in (None, ""):
@@ -53,12 +55,25 @@ from benchmarks.sampling_programs import make_sampling  # noqa: E402
 from benchmarks.training_bench import train_section  # noqa: E402
 from diffusion_jax import cli  # noqa: E402
 
+SECTIONS = ("train", "sample", "loop", "unroll")
+DTYPES = ("float32", "bfloat16")
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m")
+POSITIVE = "repeats ddim_steps ddpm_steps dpmpp2m_steps num_examples unroll_batch_size".split()
+# What an unset flag means, per profile (explicit flags always win). budget_s: seconds from the
+# start after which no new row starts (compiles included; 0 = no budget).
 DEFAULTS = dict(
+    presets=["mnist", "cpu"],
+    sections=list(SECTIONS),
+    dtypes=list(DTYPES),
+    samplers=list(SAMPLERS),
     repeats=5,
     ddpm_steps=1000,
     train_batch_sizes=[64, 128, 256],
     sample_batch_sizes=[1, 16, 256, "max"],
     unroll_factors=[1, 2, 4, 8],
+    run_budget_s=30.0,
+    guided_only=False,
+    budget_s=3600.0,
 )
 QUICK = dict(
     repeats=3,
@@ -66,9 +81,26 @@ QUICK = dict(
     train_batch_sizes=[16, 64],
     sample_batch_sizes=[1, 16],
     unroll_factors=[1, 4],
+    budget_s=600.0,
 )
-SECTIONS = ("train", "sample", "loop", "unroll")
-DTYPES = ("float32", "bfloat16")
+# About 3 minutes on one H100-class GPU (expected, not measured): the default preset `mnist`
+# (the H200's baseline, 83 steps/s at batch 128 float32) trained in bfloat16 and float32 at its
+# own batch size and mnist_gpu's (same network, so the bfloat16 row at mnist_gpu's batch is that
+# preset's step), then the guided samplers sample.py offers at 1 image and at sample.py's 1,000.
+# Most important rows first: the budget cuts the last ones.
+GPU_QUICK = dict(
+    presets=["mnist"],
+    sections=["train", "sample"],
+    dtypes=["bfloat16", "float32"],
+    samplers=["dpmpp2m", "ddim", "ddpm"],
+    repeats=3,
+    ddpm_steps=1000,
+    train_batch_sizes="mnist,mnist_gpu",  # their batch sizes (128, 512), read from the presets
+    sample_batch_sizes=[1, 1000],
+    run_budget_s=5.0,
+    guided_only=True,
+    budget_s=150.0,
+)
 
 # ---------------------------------------------------------------- command line
 
@@ -91,10 +123,14 @@ def _str_list(choices):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults except None/False ones (those say their default in the help text), and
-    keeps the epilog's line breaks."""
+    """Shows defaults (per profile for the flags a profile sets; none for other None/False
+    defaults, whose help says them), and keeps the epilog's line breaks."""
 
     def _get_help_string(self, action):
+        name = action.dest
+        if name in DEFAULTS:
+            quick, gpu = (f.get(name, DEFAULTS[name]) for f in (QUICK, GPU_QUICK))
+            return f"{action.help} (default {DEFAULTS[name]}; --quick {quick}; --gpu_quick {gpu})"
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
@@ -120,36 +156,40 @@ def _add_general_flags(p) -> None:
         "--presets",
         "--preset",
         type=_names,
-        default=["mnist", "cpu"],
+        default=None,
         help="comma-separated config presets to benchmark (names of diffusion_jax.config.PRESETS)",
     )
     p.add_argument(
         "--sections",
         type=_str_list(SECTIONS),
-        default=list(SECTIONS),
-        help="which sections to run (the compile-time table covers whatever ran)",
+        default=None,
+        help="which sections to run, in this order (the compile-time table covers whatever ran)",
     )
+    profile = p.add_mutually_exclusive_group()
+    for flag, values, what in (
+        ("--quick", QUICK, "smaller defaults for a smoke run"),
+        ("--gpu_quick", GPU_QUICK, "the rows worth having from about 3 minutes of one GPU"),
+    ):
+        settings = ", ".join(f"{k}={v}" for k, v in values.items())
+        profile.add_argument(flag, action="store_true", help=f"{what}: {settings} (explicit "
+                             "flags still win, e.g. --presets tiny on a CPU)")  # fmt: skip
     p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smaller defaults for a smoke run: "
-        + ", ".join(f"{k}={v}" for k, v in QUICK.items())
-        + " (explicit flags still win)",
+        "--budget_s",
+        type=float,
+        default=None,
+        help="wall-time budget in seconds, counted from the start (compiles included): once it "
+        "is spent no new row starts (a started row finishes) and the rows not run are listed; "
+        "0 = none",
     )
 
 
 def _add_training_flags(g) -> None:
-    g.add_argument(
-        "--train_batch_sizes",
-        type=_int_list,
-        default=None,
-        help=f"training batch sizes (default {DEFAULTS['train_batch_sizes']})",
-    )
+    g.add_argument("--train_batch_sizes", type=_int_list, help="training batch sizes, in order")
     g.add_argument(
         "--dtypes",
         type=_str_list(DTYPES),
-        default=list(DTYPES),
-        help="activation dtypes for training (the bf16/f32 ratio needs both)",
+        default=None,
+        help="activation dtypes for training, in this order (the bf16/f32 ratio needs both) ",
     )
     g.add_argument(
         "--steps_per_dispatch",
@@ -170,8 +210,7 @@ def _add_sampling_flags(g) -> None:
         "--sample_batch_sizes",
         type=_batch_list,
         default=None,
-        help='sampling batch sizes; "max" = the largest that fits (default '
-        f"{DEFAULTS['sample_batch_sizes']})",
+        help='sampling batch sizes; "max" = the largest that fits',
     )
     g.add_argument(
         "--sample_dtypes",
@@ -183,10 +222,25 @@ def _add_sampling_flags(g) -> None:
         "--ddpm_steps",
         type=int,
         default=None,
-        help=f"steps of the ancestral chain (default {DEFAULTS['ddpm_steps']}, the full "
-        "schedule; capped at the preset's num_timesteps)",
+        help="steps of the ancestral chain (capped at the preset's num_timesteps)",
     )
     g.add_argument("--ddim_steps", type=int, default=50, help="steps of the DDIM chain")
+    g.add_argument(
+        "--dpmpp2m_steps", type=int, default=20, help="steps of the DPM-Solver++(2M) chain"
+    )
+    g.add_argument(
+        "--samplers",
+        type=_str_list(SAMPLERS),
+        default=None,
+        help="samplers of the sampling section, in this order ",
+    )
+    g.add_argument(
+        "--guided_only",
+        action="store_const",
+        const=True,
+        default=None,
+        help="sampling rows with guidance only (no w = 0 rows)",
+    )
     g.add_argument("--guidance", type=float, default=1.0, help="guidance weight w when guided")
     g.add_argument(
         "--max_batch_cap",
@@ -198,9 +252,9 @@ def _add_sampling_flags(g) -> None:
     g.add_argument(
         "--run_budget_s",
         type=float,
-        default=30.0,
+        default=None,
         help="a sampler run expected to take longer than this (extrapolated from the previous "
-        "batch size) is timed on a shorter chain of the same kind and scaled to the full one",
+        "batch size) is timed on a shorter chain of the same kind and scaled to the full one ",
     )
     g.add_argument(
         "--loop_batch_sizes",
@@ -212,7 +266,7 @@ def _add_sampling_flags(g) -> None:
         "--unroll_factors",
         type=_int_list,
         default=None,
-        help=f"lax.scan unroll factors to compare (default {DEFAULTS['unroll_factors']})",
+        help="lax.scan unroll factors to compare",
     )
     g.add_argument(
         "--unroll_batch_size", type=int, default=16, help="batch size of the unroll comparison"
@@ -224,7 +278,7 @@ def _add_output_flags(g) -> None:
         "--repeats",
         type=int,
         default=None,
-        help=f"timed runs per measurement; the median is reported (default {DEFAULTS['repeats']})",
+        help="timed runs per measurement; the median is reported",
     )
     g.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     g.add_argument(
@@ -247,21 +301,26 @@ def _add_output_flags(g) -> None:
 def parse_args(argv) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from diffusion_jax.config import PRESETS  # (imports jax: not needed for --help)
+    from diffusion_jax import config as config_lib  # (imports jax: not needed for --help)
 
-    unknown = [p for p in args.presets if p not in PRESETS]
+    unknown = [p for p in args.presets or () if p not in config_lib.PRESETS]
     if unknown:
-        parser.error(f"unknown presets {unknown}; choose from {tuple(PRESETS)}")
+        parser.error(f"unknown presets {unknown}; choose from {tuple(config_lib.PRESETS)}")
+    profile = GPU_QUICK if args.gpu_quick else QUICK if args.quick else {}
     for name in DEFAULTS:
         if getattr(args, name) is None:
-            setattr(args, name, (QUICK if args.quick else DEFAULTS)[name])
-    for name in ("repeats", "ddim_steps", "ddpm_steps", "num_examples", "unroll_batch_size"):
+            setattr(args, name, profile.get(name, DEFAULTS[name]))
+    if isinstance(args.train_batch_sizes, str):  # presets named: their batch sizes
+        names = args.train_batch_sizes.split(",")
+        args.train_batch_sizes = sorted({config_lib.get_config(n).batch_size for n in names})
+    if args.budget_s < 0 or args.run_budget_s <= 0:
+        parser.error("--budget_s must be >= 0 (0: no budget) and --run_budget_s > 0")
+    args.budget_s = args.budget_s or None
+    for name in POSITIVE:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
-    if args.warmup < 0:
-        parser.error("--warmup must be >= 0")
-    if args.steps_per_dispatch is not None and args.steps_per_dispatch < 1:
-        parser.error("--steps_per_dispatch must be >= 1")
+    if args.warmup < 0 or (args.steps_per_dispatch or 1) < 1:
+        parser.error("--warmup must be >= 0 and --steps_per_dispatch >= 1")
     if args.no_write or args.out == "-":
         args.out = None
     elif os.path.exists(args.out) and not args.overwrite:
@@ -286,7 +345,13 @@ def report_header(args, argv) -> str:
     lines += [
         f"- settings: presets {args.presets}, sections {args.sections}, repeats {args.repeats} "
         f"(median reported) after {args.warmup} warm-up run(s), seed {args.seed}"
-        + (", --quick" if args.quick else ""),
+        + (", --quick" if args.quick else "")
+        + (", --gpu_quick" if args.gpu_quick else "")
+        + (
+            f"; no row starts after {args.budget_s:g} s (--budget_s)"
+            if args.budget_s
+            else "; no time budget"
+        ),
         f"- training: batch sizes {args.train_batch_sizes}, dtypes {args.dtypes}, steps per "
         + (
             "dispatch: each preset's own"
@@ -294,9 +359,11 @@ def report_header(args, argv) -> str:
             else f"dispatch {args.steps_per_dispatch}"
         )
         + f", {args.num_examples} synthetic examples",
-        f"- sampling: ancestral {args.ddpm_steps} steps, DDIM {args.ddim_steps} steps (both "
-        f"capped at a preset's num_timesteps), batch sizes {args.sample_batch_sizes}, guidance "
-        f"w = {args.guidance:g}, denoiser dtypes {args.sample_dtypes}, run budget "
+        f"- sampling: {args.samplers}: ancestral {args.ddpm_steps} steps, DDIM "
+        f"{args.ddim_steps}, DPM-Solver++(2M) {args.dpmpp2m_steps} (capped at a preset's "
+        f"num_timesteps), batch sizes {args.sample_batch_sizes}, guidance w = {args.guidance:g}"
+        + (" only" if args.guided_only else " and 0")
+        + f", denoiser dtypes {args.sample_dtypes}, run budget "
         f"{args.run_budget_s:g} s; Python loop vs scan at {args.loop_batch_sizes}; unroll "
         f"{args.unroll_factors} at batch {args.unroll_batch_size}",
         f"- peak TFLOP/s per device used for the %-of-peak columns: f32 {peaks['float32']}, "
@@ -341,20 +408,26 @@ def run_section(report: Report, title: str, fn, *fn_args) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    start = time.monotonic()  # the budget counts from here: imports, set-up and compiles
     args = parse_args(argv)
-    report = Report()
+    report = Report(args.budget_s, start)
     report.add(report_header(args, argv))
     interrupted = False
+    samplings: list = []
+
+    def sampling(fn):
+        """``fn(args, report, samplings)``, the denoisers made on first use (a compile each)."""
+        if not samplings:
+            samplings.extend(make_sampling(p, d) for p in args.presets for d in args.sample_dtypes)
+        return fn(args, report, samplings)
+
+    sections = {
+        "train": ("Training throughput", train_section, args, report),
+        "sample": ("Sampling throughput", sampling, sampling_section),
+        "loop": ("Python loop vs lax.scan", sampling, loop_section),
+        "unroll": ("lax.scan unroll", sampling, unroll_section),
+    }
     try:
-        samplings = []
-        if {"sample", "loop", "unroll"} & set(args.sections):
-            samplings = [make_sampling(p, d) for p in args.presets for d in args.sample_dtypes]
-        sections = {
-            "train": ("Training throughput", train_section, args, report),
-            "sample": ("Sampling throughput", sampling_section, args, report, samplings),
-            "loop": ("Python loop vs lax.scan", loop_section, args, report, samplings),
-            "unroll": ("lax.scan unroll", unroll_section, args, report, samplings),
-        }
         for name in args.sections:  # in the order given: --sections sample,train samples first
             run_section(report, *sections[name])
         run_section(report, "Compile times", compile_section, report)
@@ -363,6 +436,7 @@ def main(argv=None) -> int:
         report.add("**Interrupted: the results above are incomplete.**")
     if report.failed:
         report.add(f"**Failed sections:** {', '.join(report.failed)} (see the notes above)")
+    report.add(report.budget_note())
     if args.out:
         write_output(args.out, report.markdown(), args.overwrite)
     return 130 if interrupted else (1 if report.failed else 0)

@@ -7,11 +7,16 @@ import functools
 import time
 
 from benchmarks.common import Report, fmt, is_oom, md_table, median_seconds, peak_for, percent
-from benchmarks.sampling_programs import Sampling, chain_program, sampler_batches, step_flops
+from benchmarks.sampling_programs import (
+    Sampling,
+    chain_program,
+    chain_step_flops,
+    sampler_batches,
+)
 
 MIN_TIMED_STEPS = 10
 TARGET_SAMPLES = 10_000
-METHOD_NAMES = {"ddpm": "ancestral", "ddim": "DDIM"}
+METHOD_NAMES = {"ddpm": "ancestral", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)"}
 SAMPLE_COLUMNS = (
     "sampler",
     "steps",
@@ -47,7 +52,7 @@ def time_sampler(s: Sampling, method, steps, guided, batch, args, report, previo
     seconds, runs = median_seconds(
         lambda: compiled(*call.args), args.repeats, args.warmup, args.run_budget_s
     )
-    flops = step_flops(s, method, guided, batch, args)
+    flops = chain_step_flops(s, compiled, method, guided, batch)
     full_s = seconds * steps / timed_steps
     return dict(
         method=method,
@@ -82,40 +87,54 @@ def sampling_section(args, report: Report, samplings: list[Sampling]) -> None:
         "completion. "
         f"Guided: w = {args.guidance:g} with random labels (conditional and unconditional "
         "outputs from one denoiser call on the doubled batch); unguided: w = 0, the same labels. "
-        "Ancestral = DDPM with the small posterior variance; DDIM with eta = 0. GFLOP/image = "
-        "XLA cost analysis of one jitted reverse step x steps / batch. Rows marked ~ were timed "
-        "on a shorter chain of the same kind (column 'timed steps') and scaled to the full "
-        "length. With several devices the batch is split over all of them (as "
-        "`generation.generate` does), padded to a multiple of the device count."
+        "Ancestral = DDPM with the small posterior variance; DDIM with eta = 0; DPM-Solver++(2M) "
+        "as sample.py runs it. GFLOP/image = XLA cost analysis of the timed chain program (its "
+        "loop body: one reverse step, plus the initial noise) x steps / batch. Rows marked ~ "
+        "were timed on a shorter chain of the same kind (column 'timed steps') and scaled to the "
+        "full length. With several devices the batch is split over all of them (as "
+        "`generation.generate` does), padded to a multiple of the device count. Each row is "
+        "printed as it finishes."
     )
+    modes = (True,) if args.guided_only else (True, False)
     for s in samplings:
         notes: list[str] = []
-        ddpm = capped_steps(s, args.ddpm_steps, notes, "--ddpm_steps")
-        ddim = capped_steps(s, args.ddim_steps, notes, "--ddim_steps")
-        batches = {g: sampler_batches(s, g, args, notes) for g in (True, False)}
-        rows, results = [], []
-        for method, steps in (("ddpm", ddpm), ("ddim", ddim)):
-            for guided in (True, False):
-                previous = None  # the last result at a smaller batch predicts the run time
-                for batch in batches[guided]:
-                    try:
-                        r = time_sampler(s, method, steps, guided, batch, args, report, previous)
-                    except Exception as e:  # e.g. the max batch, found with DDIM, for DDPM
-                        if not is_oom(e):
-                            raise
-                        oom = [METHOD_NAMES[method], steps, "", batch, "out of memory"]
-                        rows.append(oom + [""] * 9)
-                        continue
-                    previous = r
-                    results.append(r)
-                    rows.append(sampler_row(r, s, args))
+        steps_of = {
+            m: capped_steps(s, getattr(args, f"{m}_steps"), notes, f"--{m}_steps")
+            for m in args.samplers
+        }
         report.add(f"### {s.name}")
-        report.add(md_table(SAMPLE_COLUMNS, rows))
-        report.add(targets_table(s, results, ddpm, ddim))
-        if s.step_convolutions:
-            report.add(guidance_check(s))
-        if notes:
-            report.add("\n".join(f"- note: {n}" for n in notes))
+        results = []
+        with report.table(SAMPLE_COLUMNS) as table:
+            batches = {g: sampler_batches(s, g, args, notes, report.may_start) for g in modes}
+            for method in args.samplers:  # in the order given
+                steps = steps_of[method]
+                for guided in modes:
+                    w_text = f"{args.guidance:g}" if guided else "0"
+                    previous = None  # the last result at a smaller batch predicts the run time
+                    for batch in batches[guided]:
+                        cells = [METHOD_NAMES[method], steps, w_text, batch]
+                        what = f"sample {s.name} {method}-{steps} w={w_text} batch {batch}"
+                        if not table.may_start(cells, what):
+                            continue
+                        try:
+                            r = time_sampler(
+                                s, method, steps, guided, batch, args, report, previous
+                            )
+                        except Exception as e:  # e.g. the max batch, found with DDIM, for DDPM
+                            if not is_oom(e):
+                                raise
+                            table.add(cells + ["out of memory"] + [""] * 9)
+                            continue
+                        previous = r
+                        results.append(r)
+                        table.add(sampler_row(r, s, args))
+        for text in (
+            targets_table(s, results, steps_of.get("ddpm"), steps_of.get("ddim")),
+            guidance_check(s),
+            "\n".join(f"- note: {n}" for n in notes),
+        ):
+            if text:
+                report.add(text)
 
 
 def sampler_row(r: dict, s: Sampling, args) -> list:
@@ -141,8 +160,9 @@ def sampler_row(r: dict, s: Sampling, args) -> list:
     ]
 
 
-def targets_table(s: Sampling, results: list[dict], ddpm: int, ddim: int) -> str:
-    """The issue's two targets (for an H100), measured or extrapolated from the rows above."""
+def targets_table(s: Sampling, results: list[dict], ddpm: int | None, ddim: int | None) -> str:
+    """The issue's two targets (for an H100), measured or extrapolated from the rows above ("" if
+    no row bears on them); ``ddpm``/``ddim``: the chains' steps (None: not run)."""
     rows = []
     for guided in (True, False):
         one = [r for r in results if r["method"] == "ddpm" and r["guided"] == guided]
@@ -183,6 +203,8 @@ def targets_table(s: Sampling, results: list[dict], ddpm: int, ddim: int) -> str
                 "yes" if seconds < 15 else "no",
             ]
         )
+    if not rows:
+        return ""
     return f"**Targets ({s.name}; the targets are for one H100)**\n\n" + md_table(
         ["what", "time", "how", "target", "meets target here"], rows
     )
@@ -210,50 +232,42 @@ def guidance_check(s: Sampling) -> str:
 
 
 def loop_section(args, report: Report, samplings: list[Sampling]) -> None:
-    import jax
-
-    from diffusion_jax import samplers
-
     report.add(
         "Guided DDIM: the chain driven from Python, one jitted reverse step per dispatch "
         "(`samplers.sample_python_loop`, warmed up so compiling is excluded), against the "
         "compiled `lax.scan` chain (unroll 1). Medians of whole chains to completion."
     )
-    rows = []
-    for s in samplings:
-        steps = min(args.ddim_steps, s.config.num_timesteps)
-        for batch in args.loop_batch_sizes:
-            # Both on one device: sample_python_loop does not split the batch.
-            compiled, _, call = chain_program(
-                s, "ddim", steps, True, batch, 1, args, report, one_device=True
-            )
-            scan_s, _ = median_seconds(
-                functools.partial(compiled, *call.args), args.repeats, args.warmup
-            )
-            loop = functools.partial(samplers.sample_python_loop, call)
+    columns = ("model", "DDIM steps", "batch", "Python loop ms", "lax.scan ms", "loop / scan")
+    with report.table(columns) as table:
+        for s in samplings:
+            steps = min(args.ddim_steps, s.config.num_timesteps)
+            for batch in args.loop_batch_sizes:
+                cells = [s.name, steps, batch]
+                if not table.may_start(cells, f"loop vs scan {s.name} batch {batch}"):
+                    continue
+                table.add(cells + loop_vs_scan(s, steps, batch, args, report))
 
-            start = time.perf_counter()
-            jax.block_until_ready(loop())  # compiles the step (once per configuration)
-            first_s = time.perf_counter() - start
-            report.compiles.append(
-                (f"python-loop step {s.name} ddim guided batch {batch} (+1 run)", first_s)
-            )
-            loop_s, _ = median_seconds(loop, args.repeats, max(args.warmup - 1, 0))
-            rows.append(
-                [
-                    s.name,
-                    steps,
-                    batch,
-                    fmt(1e3 * loop_s, ".4g"),
-                    fmt(1e3 * scan_s, ".4g"),
-                    f"{loop_s / scan_s:.2f}x",
-                ]
-            )
-    report.add(
-        md_table(
-            ["model", "DDIM steps", "batch", "Python loop ms", "lax.scan ms", "loop / scan"], rows
-        )
+
+def loop_vs_scan(s: Sampling, steps: int, batch: int, args, report: Report) -> list:
+    """The last three cells of a row of the loop-vs-scan table: loop ms, scan ms, their ratio."""
+    import jax
+
+    from diffusion_jax import samplers
+
+    # Both on one device: sample_python_loop does not split the batch.
+    compiled, _, call = chain_program(
+        s, "ddim", steps, True, batch, 1, args, report, one_device=True
     )
+    scan_s, _ = median_seconds(functools.partial(compiled, *call.args), args.repeats, args.warmup)
+    loop = functools.partial(samplers.sample_python_loop, call)
+    start = time.perf_counter()
+    jax.block_until_ready(loop())  # compiles the step (once per configuration)
+    first_s = time.perf_counter() - start
+    report.compiles.append(
+        (f"python-loop step {s.name} ddim guided batch {batch} (+1 run)", first_s)
+    )
+    loop_s, _ = median_seconds(loop, args.repeats, max(args.warmup - 1, 0))
+    return [fmt(1e3 * loop_s, ".4g"), fmt(1e3 * scan_s, ".4g"), f"{loop_s / scan_s:.2f}x"]
 
 
 def unroll_section(args, report: Report, samplings: list[Sampling]) -> None:
@@ -262,38 +276,22 @@ def unroll_section(args, report: Report, samplings: list[Sampling]) -> None:
         f"Guided DDIM at batch {batch}: compile time and median run time of the lax.scan chain "
         "for each unroll factor (the results are identical)."
     )
-    rows = []
-    for s in samplings:
-        steps = min(args.ddim_steps, s.config.num_timesteps)
-        base = None
-        for unroll in args.unroll_factors:
-            compiled, compile_s, call = chain_program(
-                s, "ddim", steps, True, batch, unroll, args, report
-            )
-            seconds, _ = median_seconds(
-                functools.partial(compiled, *call.args), args.repeats, args.warmup
-            )
-            base = base or seconds
-            rows.append(
-                [
-                    s.name,
-                    steps,
-                    unroll,
-                    fmt(compile_s, ".2f"),
-                    fmt(1e3 * seconds, ".4g"),
-                    f"{base / seconds:.2f}x",
-                ]
-            )
-    report.add(
-        md_table(
-            [
-                "model",
-                "DDIM steps",
-                "unroll",
-                "compile s",
-                "run ms (median)",
-                f"speed vs unroll {args.unroll_factors[0]}",
-            ],
-            rows,
-        )
-    )
+    columns = ("model", "DDIM steps", "unroll", "compile s", "run ms (median)",
+               f"speed vs unroll {args.unroll_factors[0]}")  # fmt: skip
+    with report.table(columns) as table:
+        for s in samplings:
+            steps = min(args.ddim_steps, s.config.num_timesteps)
+            base = None
+            for unroll in args.unroll_factors:
+                cells = [s.name, steps, unroll]
+                if not table.may_start(cells, f"unroll {unroll} {s.name} batch {batch}"):
+                    continue
+                compiled, compile_s, call = chain_program(
+                    s, "ddim", steps, True, batch, unroll, args, report
+                )
+                seconds, _ = median_seconds(
+                    functools.partial(compiled, *call.args), args.repeats, args.warmup
+                )
+                base = base or seconds
+                speed = f"{base / seconds:.2f}x"
+                table.add(cells + [fmt(compile_s, ".2f"), fmt(1e3 * seconds, ".4g"), speed])

@@ -1,6 +1,7 @@
 """The sampler programs the sampling sections of benchmark.py time: one preset's denoiser with
 random parameters, its whole chains compiled ahead of time (once per configuration), the FLOPs of
-one reverse step, and the search for the largest batch that fits in device memory."""
+one reverse step taken from them, and the search for the largest batch that fits in device
+memory."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ MAX_SEARCH_START = 256
 @dataclasses.dataclass
 class Sampling:
     """One preset's denoiser with initialised parameters, and the sampler programs compiled for
-    it: {(method, steps, guided, batch, unroll, one_device): (compiled, compile_s, call)}
-    and the FLOPs of one reverse step: {(method, guided, batch): flops}."""
+    it: {(method, steps, guided, batch, unroll, one_device): (compiled, compile_s, call)}."""
 
     preset: str
     dtype: str
@@ -29,6 +29,7 @@ class Sampling:
     shape: tuple[int, ...]
     mesh: object  # None on one device; else the batch is split over all devices, as generate does
     programs: dict = dataclasses.field(default_factory=dict)
+    # FLOPs of one reverse step from the timed chain programs: {(method, guided, batch): flops}
     step_flops: dict = dataclasses.field(default_factory=dict)
     step_convolutions: dict = dataclasses.field(default_factory=dict)  # same keys as step_flops
 
@@ -67,6 +68,10 @@ def chain_inputs(
     from diffusion_jax.schedules import respace
 
     cfg = s.config
+    # The solver's keyword: "method" in SamplerSettings until the samplers' refactor, "solver"
+    # after it; the benchmark runs with either.
+    fields = {f.name for f in dataclasses.fields(samplers.SamplerSettings)}
+    solver = {"solver" if "solver" in fields else "method": method}
     return samplers.prepare_chain(
         s.denoise_fn,
         s.params,
@@ -77,7 +82,7 @@ def chain_inputs(
         labels=np.random.default_rng(seed).integers(0, cfg.num_classes, batch),
         w=w if guided else 0.0,
         eta=0.0,  # deterministic DDIM
-        method=method,
+        **solver,
         prediction=cfg.prediction,
         unroll=unroll,
         mesh=mesh,
@@ -106,26 +111,69 @@ def chain_program(
     return s.programs[key]
 
 
+def count_convolutions(hlo_text: str) -> int:
+    """Convolution ops in a compiled program's HLO text: XLA's own, and on GPUs the cuDNN calls
+    they become."""
+    return hlo_text.count(" convolution(") + hlo_text.count('custom_call_target="__cudnn$conv')
+
+
+def chain_step_flops(s: Sampling, compiled, method: str, guided: bool, batch: int):
+    """FLOPs of one reverse step (all devices together) from the timed chain program itself:
+    XLA's cost analysis counts the body of its ``lax.scan`` (one step at unroll 1) once, plus
+    the initial noise outside the loop (0.2% of a step of the tiny preset at batch 4). Recorded
+    with the program's convolution count for :func:`~benchmarks.sampling_bench.guidance_check`.
+    """
+    flops = flops_of(compiled)
+    flops = None if flops is None else flops * s.num_devices  # the cost of one device's share
+    key = (method, guided, batch)
+    s.step_flops[key] = flops
+    s.step_convolutions[key] = count_convolutions(compiled.as_text())
+    return flops
+
+
 def step_flops(s: Sampling, method: str, guided: bool, batch: int, args) -> float | None:
-    """FLOPs of one reverse step: the loop-free jitted step of ``samplers.sample_python_loop``."""
+    """FLOPs of one reverse step from a separate compile of the loop-free jitted step of
+    ``samplers.sample_python_loop`` (a reference for tests: the benchmark itself uses
+    :func:`chain_step_flops`)."""
     import jax.numpy as jnp
 
     from diffusion_jax import samplers
 
-    key = (method, guided, batch)
-    if key not in s.step_flops:
-        call = chain_inputs(s, method, 2, guided, batch, args.guidance, args.seed)
-        params, schedule, rng_key, labels, w, eta, _ = call.args
-        x = jnp.zeros(call.static["shape"], jnp.float32)
-        carry = call.static["settings"].solver.init(x)
-        compiled = (
-            samplers.jitted_step(call)
-            .lower(params, schedule, jnp.int32(1), x, carry, rng_key, labels, w, eta)
-            .compile()
-        )
-        s.step_flops[key] = flops_of(compiled)
-        s.step_convolutions[key] = compiled.as_text().count(" convolution(")
-    return s.step_flops[key]
+    call = chain_inputs(s, method, 2, guided, batch, args.guidance, args.seed)
+    params, schedule, rng_key, labels, w, eta, _ = call.args
+    x = jnp.zeros(call.static["shape"], jnp.float32)
+    carry = call.static["settings"].solver.init(x)
+    compiled = (
+        samplers.jitted_step(call)
+        .lower(params, schedule, jnp.int32(1), x, carry, rng_key, labels, w, eta)
+        .compile()
+    )
+    return flops_of(compiled)
+
+
+def sampler_batches(s: Sampling, guided: bool, args, notes: list[str], may_search) -> list[int]:
+    """The batch sizes of ``args.sample_batch_sizes``, "max" replaced by the largest that fits
+    (searched only where ``may_search(what)`` allows: the run's time budget)."""
+    import jax
+
+    batches = [b for b in args.sample_batch_sizes if b != "max"]
+    if "max" not in args.sample_batch_sizes:
+        return batches
+    cap = args.max_batch_cap
+    if cap is None:
+        if jax.devices()[0].platform == "cpu":
+            note = 'batch "max" skipped on CPU (pass --max_batch_cap to search up to a limit)'
+            if note not in notes:
+                notes.append(note)
+            return batches
+        cap = 65536
+    what = f"max batch search for {s.name} {'guided' if guided else 'unguided'}"
+    if not may_search(what):
+        notes.append(f"{what}: not run (budget spent)")
+        return batches
+    best, probes = find_max_batch(s, guided, cap, args)
+    notes.append(f"{what}: {best} (cap {cap}; probes: {', '.join(probes)})")
+    return sorted(set(batches) | {best})
 
 
 def find_max_batch(s: Sampling, guided: bool, cap: int, args) -> tuple[int, list[str]]:
@@ -164,25 +212,3 @@ def find_max_batch(s: Sampling, guided: bool, cap: int, args) -> tuple[int, list
         if fits(batch):
             return batch, probes
     raise RuntimeError(f"even batch 1 runs out of memory for {s.name}")
-
-
-def sampler_batches(s: Sampling, guided: bool, args, notes: list[str]) -> list[int]:
-    import jax
-
-    batches = [b for b in args.sample_batch_sizes if b != "max"]
-    if "max" not in args.sample_batch_sizes:
-        return batches
-    cap = args.max_batch_cap
-    if cap is None:
-        if jax.devices()[0].platform == "cpu":
-            note = 'batch "max" skipped on CPU (pass --max_batch_cap to search up to a limit)'
-            if note not in notes:
-                notes.append(note)
-            return batches
-        cap = 65536
-    best, probes = find_max_batch(s, guided, cap, args)
-    notes.append(
-        f"max batch for {s.name} {'guided' if guided else 'unguided'}: {best} "
-        f"(cap {cap}; probes: {', '.join(probes)})"
-    )
-    return sorted(set(batches) | {best})

@@ -3,8 +3,6 @@ device's peak per preset, activation dtype and batch size, and the bfloat16 / fl
 
 from __future__ import annotations
 
-import dataclasses
-
 from benchmarks.common import (
     Report,
     compile_timed,
@@ -43,28 +41,18 @@ def train_config(preset: str, dtype: str, batch: int, steps_per_dispatch: int | 
     return config_lib.get_config(preset, **overrides)
 
 
-def one_step_flops(config, program, mesh, num_shards, label: str, report: Report):
-    """FLOPs of one optimizer step, summed over the devices.
+def step_flops(compiled, num_devices: int) -> float | None:
+    """FLOPs of one optimizer step, summed over the devices, from the timed program itself.
 
-    They come from a loop-free program (one step per dispatch): XLA's cost analysis counts a
-    fori_loop body once whatever the trip count. The count includes everything the step does:
-    the forward pass, the backward pass, the optimizer (AdamW, clipping) and EMA updates, and the
-    batch gather and random draws. ``program`` is ``(compiled, state, train_x, train_y)`` of the
-    timed program, reused when it already takes one step per dispatch.
+    The program runs its steps in a ``lax.fori_loop`` over a traced count (or, at one step per
+    dispatch, as straight-line code); XLA's cost analysis counts a loop body once, whatever the
+    trip count, so either way it gives one step: the forward pass, the backward pass, the
+    optimizer (AdamW, clipping) and EMA updates, the batch gather and random draws (and, in the
+    loop, zeroing the metric sums once). An SPMD program's cost analysis describes one device's
+    share of the batch.
     """
-    import jax.numpy as jnp
-
-    from diffusion_jax import training
-
-    compiled, state, train_x, train_y = program
-    if config.steps_per_dispatch != 1:
-        single = dataclasses.replace(config, steps_per_dispatch=1)
-        fn = training.make_train_steps(single, mesh, num_shards)
-        compiled, seconds = compile_timed(fn, state, train_x, train_y, jnp.int32(1))
-        report.compiles.append((f"{label} (1 step/dispatch, for FLOPs)", seconds))
     flops = flops_of(compiled)
-    # An SPMD program's cost analysis describes one device's share of the batch.
-    return None if flops is None else flops * mesh.devices.size
+    return None if flops is None else flops * num_devices
 
 
 def bench_train(preset: str, dtype: str, batch: int, args, mesh, report: Report) -> dict:
@@ -93,8 +81,7 @@ def bench_train(preset: str, dtype: str, batch: int, args, mesh, report: Report)
     median, runs = median_seconds(
         lambda: compiled(state, train_x, train_y, count), args.repeats, args.warmup
     )
-    program = (compiled, state, train_x, train_y)
-    flops_step = one_step_flops(config, program, mesh, num_shards, label, report)
+    flops_step = step_flops(compiled, mesh.devices.size)
     steps_per_s = steps / median
     return dict(
         preset=preset,
@@ -141,28 +128,28 @@ def train_section(args, report: Report) -> None:
         f"shape with random labels, placed on a {ndev}-device data mesh as `training.train` "
         "places a data set (each batch is split over the devices). Times are per dispatch to "
         "completion (`jax.block_until_ready`); "
-        "compile = lower + compile ahead of time. FLOPs from XLA's cost analysis of a one-step "
-        "program: forward + backward pass + optimizer and EMA update"
+        "compile = lower + compile ahead of time. FLOPs per step from XLA's cost analysis of the "
+        "timed program (its loop body, one step): forward + backward pass + optimizer and EMA "
+        "update"
         + (f", summed over the {ndev} devices" if ndev > 1 else "")
-        + "."
+        + ". Each row is printed as it finishes."
     )
-    rows, results = [], []
-    report.stream(TRAIN_COLUMNS)
-    for preset in args.presets:
-        for dtype in args.dtypes:
-            peak, peak_text = peak_for(dtype, args.peak_tflops)
-            for batch in args.train_batch_sizes:
-                if batch % ndev:
-                    reason = f"skipped: not divisible by the {ndev} devices"
-                    rows.append([preset, dtype, batch, reason] + [""] * 9)
-                    report.stream(TRAIN_COLUMNS, rows[-1])
-                    continue
-                r = bench_train(preset, dtype, batch, args, mesh, report)
-                results.append(r)
-                rows.append(train_row(r, peak, peak_text, ndev))
-                report.stream(TRAIN_COLUMNS, rows[-1])
-    print(flush=True)
-    report.add(md_table(TRAIN_COLUMNS, rows), echo=False)
+    results = []
+    with report.table(TRAIN_COLUMNS) as table:
+        for preset in args.presets:
+            for dtype in args.dtypes:
+                peak, peak_text = peak_for(dtype, args.peak_tflops)
+                for batch in args.train_batch_sizes:
+                    cells = [preset, dtype, batch]
+                    if batch % ndev:
+                        reason = f"skipped: not divisible by the {ndev} devices"
+                        table.add(cells + [reason] + [""] * 9)
+                        continue
+                    if not table.may_start(cells, f"train {preset} {dtype} batch {batch}"):
+                        continue
+                    r = bench_train(preset, dtype, batch, args, mesh, report)
+                    results.append(r)
+                    table.add(train_row(r, peak, peak_text, ndev))
     report.add(ratio_table(results))
 
 

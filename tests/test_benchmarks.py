@@ -2,9 +2,11 @@
 time harness's run specifications are parsed and validated up front."""
 
 import os
+import re
 import subprocess
-import types
 import sys
+import time
+import types
 
 import pytest
 
@@ -80,8 +82,93 @@ def test_training_rows_are_printed_as_they_finish(monkeypatch, capsys):
     monkeypatch.setattr(training_bench, "train_row", lambda r, *a: [r["batch"]] + [""] * 12)
     monkeypatch.setattr(training_bench, "ratio_table", lambda results: "")
     args = types.SimpleNamespace(
-        num_examples=8, presets=["tiny"], dtypes=["float32"], peak_tflops=None,
+        num_examples=8,
+        presets=["tiny"],
+        dtypes=["float32"],
+        peak_tflops=None,
         train_batch_sizes=[16, 32],
     )
     training_bench.train_section(args, Report())
     assert "| 16 |" in seen[1] and "| 32 |" not in seen[1]
+
+
+def test_report_budget_marks_and_lists_the_rows_not_run(capsys):
+    """Once --budget_s is spent no row starts: its line says so, and the end lists it."""
+    from benchmarks.common import Report
+
+    report = Report(budget_s=100.0)
+    with report.table(("a", "b", "c")) as table:
+        assert table.may_start([1], "row one")
+        table.add([1, 2, 3])
+        report.start -= 100.0  # the budget is now spent
+        assert not table.may_start([4], "row four")
+    out = capsys.readouterr().out
+    assert "| 1 | 2 | 3 |\n| 4 | not run: budget spent |  |" in out
+    assert report.parts[-1].endswith("| 1 | 2 | 3 |\n| 4 | not run: budget spent |  |")
+    note = report.budget_note()
+    assert "rows not run: 1" in note and "- not run: row four" in note
+    assert "last row started at 0.0 s" in note
+    assert Report().may_start("anything")  # no budget: always
+
+
+def test_rows_stream_while_the_run_goes_on_and_the_budget_holds():
+    """The benchmark as a user starts it (tiny preset, --gpu_quick's sampling rows first): the
+    first table row arrives while the process still runs, well before its last line; no row
+    starts after --budget_s, and the rows not run are marked and listed. (On the H200 not one
+    row had been printed after 120 s.)"""
+    # Startup (jax, the denoiser's init) took 6-19 s here, a row 1-8 s; the rows planned (9
+    # sampling, 4 unroll, 2 loop-vs-scan rows) take longer than the budget on any machine. No
+    # training row: its compile (35 s here) would make the test slow.
+    budget = 25.0
+    first_row_pattern = r"\| DPM-Solver\+\+\(2M\) \| \d+ \| 1 \| 1 \| \d"  # measured
+    cmd = [sys.executable, "benchmarks/benchmark.py", "--gpu_quick", "--presets", "tiny",
+           "--sections", "sample,unroll,loop", "--sample_batch_sizes", "1,2,3",
+           "--unroll_batch_size", "2", "--repeats", "1", "--budget_s", str(budget),
+           "--out", "-"]  # fmt: skip
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)  # fmt: skip
+    lines, first_row = [], None
+    try:
+        for line in proc.stdout:
+            lines.append((time.monotonic() - start, line.rstrip("\n")))
+            text = lines[-1][1]
+            if first_row is None and re.match(first_row_pattern, text):
+                first_row = (lines[-1][0], proc.poll())
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    out = "\n".join(text for _, text in lines)
+    assert rc == 0, out[-3000:]
+    assert first_row is not None, out[-3000:]
+    seen_at, running = first_row
+    assert running is None  # still running when its first row was read
+    assert lines[-1][0] - seen_at > 1.0  # and not one burst of output at the end
+    m = re.search(r"last row started at ([\d.]+) s, run ended at ([\d.]+) s; rows not run: (\d+)",
+                  out)  # fmt: skip
+    assert m, out[-3000:]
+    last_start, ended, not_run = float(m.group(1)), float(m.group(2)), int(m.group(3))
+    assert last_start < budget < ended < budget + 20 and not_run >= 1
+    assert "not run: budget spent" in out and "\n  - not run: " in out
+
+
+def test_flops_of_the_timed_chain_are_one_reverse_step():
+    """One compile per row: the FLOPs come from the timed chain program, whose cost analysis
+    counts its scan body once. They must equal those of the loop-free jitted step compiled on
+    its own (the old second program), up to the initial noise outside the loop."""
+    from benchmarks.common import Report
+    from benchmarks.sampling_programs import (
+        chain_program,
+        chain_step_flops,
+        make_sampling,
+        step_flops,
+    )
+
+    s = make_sampling("tiny", "float32")
+    args = types.SimpleNamespace(guidance=1.0, seed=0)
+    for method, steps in (("ddim", 3), ("dpmpp2m", 5)):
+        compiled, _, _ = chain_program(s, method, steps, True, 2, 1, args, Report())
+        chain = chain_step_flops(s, compiled, method, True, 2)
+        alone = step_flops(s, method, True, 2, args)
+        assert alone > 0 and abs(chain / alone - 1) < 0.01, (method, chain, alone)
+        assert s.step_convolutions[(method, True, 2)] > 0
