@@ -4,8 +4,9 @@ The folder listing is the architecture:
 
 * mathematics: ``schedules`` (noise schedules, respacing), ``diffusion`` (forward process,
   posterior, parameterizations), ``losses`` (training objective, label dropout), ``solvers``
-  (reverse-step update rules, one registry), ``samplers`` (jitted ``lax.scan`` reverse chains
-  with guidance), ``interpolation`` (class morphs, noise interpolation), ``inpainting``
+  (reverse-step update rules, one registry), ``guidance`` (classifier-free guidance, its
+  interval and schedule), ``samplers`` (jitted ``lax.scan`` reverse chains), ``plans`` (how to
+  sample, as one value), ``interpolation`` (class morphs, noise interpolation), ``inpainting``
   (RePaint);
 * networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (the network registry: config ->
   module -> denoiser);
@@ -17,7 +18,7 @@ The folder listing is the architecture:
   checkpoint), ``visuals`` (morphs, inpainting and interpolations of a checkpoint, as files), ``outputs``
   (output sets written all or nothing),
   ``images`` (grids, GIFs), ``cli`` (what the commands share), ``commands`` (train, sample,
-  evaluate);
+  evaluate; their flags and error handling);
 * measuring: ``classifier`` (the evaluation CNN), ``metrics`` (Frechet distance, Inception
   Score), ``evaluation`` (floors, sweeps, tables), ``evaluation_plots``.
 """
@@ -35,9 +36,10 @@ _EXPORTS = {
     "drop_labels": "losses",
     "MLPDenoiser": "mlp",
     "denoiser": "models",
-    "METHODS": "samplers",
+    "SOLVERS": "samplers",
     "VARIANCES": "samplers",
     "SampleResult": "samplers",
+    "SamplingPlan": "plans",
     "SamplerSettings": "samplers",
     "sample": "samplers",
     "SCHEDULES": "schedules",
@@ -68,12 +70,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PREDICTIONS",
-    "METHODS",
+    "SOLVERS",
     "SCHEDULES",
     "SPACINGS",
     "VARIANCES",
     "MLPDenoiser",
     "SampleResult",
+    "SamplingPlan",
     "SamplerSettings",
     "Schedule",
     "UNet",

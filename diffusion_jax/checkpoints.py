@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import shutil
+from typing import Any, NamedTuple
 
 import orbax.checkpoint as ocp
 
@@ -21,6 +22,17 @@ from diffusion_jax import config as config_lib
 PROJECT = "diffusion_jax"
 FORMAT_VERSION = 1
 SUBDIR = "checkpoints"
+
+
+class Checkpoint(NamedTuple):
+    """A checkpoint opened for sampling (``generation.load_for_sampling``): the run's config,
+    its network (a Flax module), the EMA parameters, the shape of one example and the step."""
+
+    config: config_lib.Config
+    model: Any
+    params: Any
+    data_shape: tuple[int, ...]
+    step: int
 
 
 class CheckpointError(RuntimeError):

@@ -1,16 +1,16 @@
-"""What the commands share: their start-up (:func:`start`: environment, Ctrl-C, logging), library
-errors as one clear line and an exit code, the one parser of comma-separated lists, and the
-sampler flags of sample.py and evaluate.py. Nothing here imports jax at import time."""
+"""What the commands share that needs nothing of the library: their start-up (:func:`start`:
+environment, Ctrl-C, logging, the compilation cache), their parser and the one parser of
+comma-separated lists. It imports no diffusion_jax module (the library's modules may use it; the
+flags of the commands are in :mod:`diffusion_jax.commands.flags`, their error handling in
+:mod:`diffusion_jax.commands.errors`), and so no jax."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,64 +110,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
 
 
-def _error_kinds():
-    """Errors that mean "the input was wrong" (exit 2) or "the run cannot go on" (exit 1); both
-    are reported as a message, not a traceback. Imported here, not at the top, so that building
-    a parser (``--help``, a bad flag) does not wait for Orbax and the training code."""
-    from diffusion_jax.checkpoints import CheckpointError
-    from diffusion_jax.data import DataUnavailableError
-    from diffusion_jax.training import TrainingDivergedError
-
-    user = (ValueError, CheckpointError, DataUnavailableError, FileExistsError, PermissionError)
-    # Any other OSError (a full disk, a vanished folder) names its path and cause, and a missing
-    # package (ImportError) names what to install: one line each.
-    return user, (TrainingDivergedError, OSError, ImportError)
-
-
-def _quiet_closed_loop_callbacks() -> None:
-    """Drop the "Event loop is closed" RuntimeErrors that TensorStore's callbacks raise once
-    Orbax's event loop is gone (a failed restore leaves some in flight); Python would print each
-    as a stray traceback around the one-line message. Installed for the whole command, since
-    they can fire while the error is still on its way to :func:`clean_errors`."""
-
-    if getattr(sys.unraisablehook, "quiets_closed_loop", False):
-        return  # (already installed: scripts called in-process, as the tests do)
-
-    def closed_loop(exc) -> bool:
-        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-    unraisable, thread_hook = sys.unraisablehook, threading.excepthook
-
-    def quiet_unraisable(info):
-        if not closed_loop(info.exc_value):
-            unraisable(info)
-
-    def quiet_thread(args):
-        if not closed_loop(args.exc_value):
-            thread_hook(args)
-
-    quiet_unraisable.quiets_closed_loop = True
-    sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_thread
-
-
-@contextlib.contextmanager
-def clean_errors(program: str):
-    user_errors, run_errors = _error_kinds()
-    _quiet_closed_loop_callbacks()
-    try:
-        yield
-    except user_errors as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except run_errors as e:
-        print(f"{program}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        # Ctrl-C before training catches signals itself (start-up, loading data, sampling)
-        print(f"{program}: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
 def parse_list(
     text: str,
     item: Callable[[str], Any] = str,
@@ -212,88 +154,3 @@ def list_type(item: Callable[[str], Any] = str, **kw) -> Callable[[str], list]:
             raise argparse.ArgumentTypeError(str(e)) from None
 
     return parse
-
-
-def add_distributed_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "several hosts",
-        "Start the same command on every host. --distributed alone works where jax detects the "
-        "cluster (Cloud TPU, Slurm, Open MPI, Kubernetes); elsewhere give the other three flags.",
-    )
-    group.add_argument("--distributed", action="store_true", help="join a multi-process run")
-    group.add_argument("--coordinator_address", help="host:port of process 0 (implies it)")
-    group.add_argument("--num_processes", type=int, help="how many processes in all")
-    group.add_argument("--process_id", type=int, help="this process's index, 0..N-1")
-
-
-def start_distributed(args) -> None:
-    """``jax.distributed.initialize`` if the flags of :func:`add_distributed_flags` ask for it."""
-    from diffusion_jax import sharding
-
-    manual = (args.coordinator_address, args.num_processes, args.process_id)
-    if any(v is not None for v in manual):
-        if any(v is None for v in manual):
-            raise ValueError(
-                "--coordinator_address, --num_processes and --process_id go together; give all "
-                "three, or only --distributed on a cluster jax detects itself"
-            )
-        if not 0 <= args.process_id < args.num_processes:
-            raise ValueError(
-                f"--process_id must be in [0, {args.num_processes}) for --num_processes "
-                f"{args.num_processes}, got {args.process_id}"
-            )
-        sharding.initialize_distributed(*manual)
-    elif args.distributed:
-        sharding.initialize_distributed()
-
-
-def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
-    """The sampler options that are not the sampler and its step count (see
-    :class:`~diffusion_jax.samplers.SamplerSettings`); read them back with
-    :func:`sampler_options`."""
-    from diffusion_jax.schedules import SPACINGS
-    from diffusion_jax.solvers import THRESHOLD_QUANTILE, VARIANCES, X0_MODES
-
-    group = parser.add_argument_group("sampler options")
-    group.add_argument(
-        "--spacing",
-        choices=SPACINGS,
-        default=None,
-        help="where a shortened chain's steps go (default: the sampler's own: uniform for "
-        "ddpm and ddim, see the README for dpmpp2m)",
-    )
-    group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
-    group.add_argument(
-        "--variance", choices=VARIANCES, default="small", help="ancestral step variance"
-    )
-    group.add_argument(
-        "--x0",
-        choices=X0_MODES,
-        default="clip",
-        help="what is done to the predicted x0 at each step: clip to [-1, 1] (default), "
-        "dynamic thresholding (Saharia et al. 2022; better for dpmpp2m at 10 steps or fewer, "
-        "see docs/RESULTS.md) or nothing",
-    )
-    group.add_argument(
-        "--threshold_quantile",
-        type=float,
-        default=THRESHOLD_QUANTILE,
-        help=f"the quantile of |x0| used by --x0 threshold (default {THRESHOLD_QUANTILE})",
-    )
-
-
-def sampler_options(args) -> dict:
-    """The keywords of ``generation.generate`` that :func:`add_sampler_flags` set."""
-    import math
-
-    if not math.isfinite(args.eta) or args.eta < 0:
-        raise ValueError(f"--eta must be a finite number >= 0, got {args.eta}")
-    if not 0 < args.threshold_quantile <= 1:
-        raise ValueError(f"--threshold_quantile must be in (0, 1], got {args.threshold_quantile}")
-    return dict(
-        spacing=args.spacing,
-        eta=args.eta,
-        variance=args.variance,
-        x0=args.x0,
-        threshold_quantile=args.threshold_quantile,
-    )

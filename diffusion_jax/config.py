@@ -14,11 +14,12 @@ import numbers
 from typing import Any
 
 from diffusion_jax import datasets
+from diffusion_jax.cli import list_type
 from diffusion_jax.diffusion import PREDICTIONS
 from diffusion_jax.losses import LOSS_TYPES, WEIGHTINGS, check_loss_config
 from diffusion_jax.models import NETWORKS
-from diffusion_jax.samplers import METHODS
 from diffusion_jax.schedules import SCHEDULES
+from diffusion_jax.solvers import SOLVERS
 
 DATASETS = datasets.DATASETS  # the registries: datasets.REGISTRY, models.NETWORKS
 MODELS = tuple(NETWORKS)
@@ -206,7 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prediction": PREDICTIONS,
     "loss_type": LOSS_TYPES,
     "weighting": WEIGHTINGS,
-    "sampler": METHODS,
+    "sampler": tuple(SOLVERS),
 }
 
 
@@ -379,8 +380,6 @@ def differences(a: Config, b: Config, ignore=OPERATIONAL_FIELDS) -> dict[str, tu
 def _ints_flag(name: str):
     """The flag type of tuple field ``name``: comma-separated integers; a text of nothing but
     commas and spaces is the empty tuple (``--attention_resolutions ""``: no attention)."""
-    from diffusion_jax.cli import list_type
-
     parse = list_type(int, name=f"--{name}", example="1,2,2" if name == "channel_mults" else "7")
 
     def ints(text: str) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ markdown table, JSON and plots.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,10 +22,10 @@ import jax
 import numpy as np
 
 from diffusion_jax import classifier as classifier_lib
-from diffusion_jax import data, generation, metrics, solvers
-from diffusion_jax import images as images_lib
+from diffusion_jax import data, generation, metrics, outputs, solvers
 from diffusion_jax.cli import parse_list
 from diffusion_jax.evaluation_plots import plot_sweep
+from diffusion_jax.plans import SamplingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +36,13 @@ MIN_SAMPLES = 2
 
 
 class SamplerSpec(NamedTuple):
-    method: str
+    """A ``SOLVER:STEPS`` of ``--samplers``."""
+
+    solver: str
     steps: int
 
     def __str__(self):
-        return f"{self.method}:{self.steps}"
+        return f"{self.solver}:{self.steps}"
 
 
 def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
@@ -47,18 +50,19 @@ def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
     (``solvers.default_steps``: all T steps for ddpm)."""
 
     def spec(part: str) -> SamplerSpec:
-        method, _, steps = part.partition(":")
-        if method not in solvers.METHODS:
+        solver, _, steps = part.partition(":")
+        if solver not in solvers.SOLVERS:
             raise ValueError(
-                f"--samplers: unknown sampler {method!r} in {part!r} (one of {solvers.METHODS})"
+                f"--samplers: unknown sampler {solver!r} in {part!r} "
+                f"(one of {tuple(solvers.SOLVERS)})"
             )
         try:
-            k = int(steps) if steps else solvers.default_steps(method, num_timesteps)
+            k = int(steps) if steps else solvers.default_steps(solver, num_timesteps)
         except ValueError:
             raise ValueError(f"--samplers: {part!r} is not SAMPLER:STEPS") from None
         if not 1 <= k <= num_timesteps:
             raise ValueError(f"--samplers: steps must be in [1, {num_timesteps}], got {part!r}")
-        return SamplerSpec(method, k)
+        return SamplerSpec(solver, k)
 
     return parse_list(text, spec, name="--samplers")
 
@@ -152,11 +156,9 @@ def evaluate_images(reference: Reference, images, labels) -> dict:
 
 def sweep(
     workdir: str,
+    guidance_plans: list[SamplingPlan],
+    step_plans: list[SamplingPlan],
     *,
-    ws: list[float],
-    sampler_specs: list[SamplerSpec],
-    guidance_spec: SamplerSpec,
-    steps_w: float,
     per_class: int,
     seed: int,
     out: str,
@@ -165,37 +167,27 @@ def sweep(
     batch_size: int = 1000,
     overwrite: bool = False,
     progress: bool = True,
-    **sampler_options,
 ) -> list[dict]:
-    """Guidance sweep (``ws`` with ``guidance_spec``) and step sweep (``sampler_specs`` at
-    ``steps_w``) of the checkpoint in ``workdir``; writes ``out``/results.{md,json} and plots.
-
-    ``sampler_options`` (``spacing``, ``eta``, ``variance``, ``x0``, ``threshold_quantile``, or
-    settings such as ``clip``, ``threshold``) apply to
-    every run, as in ``generation.generate``."""
-    config, model, params, data_shape, step = generation.load_for_sampling(workdir)
-    if len(data_shape) != 3:
+    """Guidance sweep (``guidance_plans``: one solver and step count, several ``w``) and step
+    sweep (``step_plans``: several solvers and step counts at one ``w``) of the checkpoint in
+    ``workdir``; writes ``out``/results.{md,json} and plots, all or nothing."""
+    ckpt = generation.load_for_sampling(workdir)
+    config = ckpt.config
+    if len(ckpt.data_shape) != 3:
         raise ValueError("evaluation applies to image data sets, not toy2d")
-    outputs = {
-        k: os.path.join(out, f)
-        for k, f in [
-            ("md", "results.md"),
-            ("json", "results.json"),
-            ("tradeoff", "fd_vs_is.png"),
-            ("accuracy", "accuracy_vs_w.png"),
-            ("steps", "fd_vs_nfe.png"),
-        ]
-    }
-    existing = [p for p in outputs.values() if os.path.exists(p)]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite or choose another --out")
-    generation.check_writable(out)
+    names = [
+        ("md", "results.md"),
+        ("json", "results.json"),
+        ("tradeoff", "fd_vs_is.png"),
+        ("accuracy", "accuracy_vs_w.png"),
+        ("steps", "fd_vs_nfe.png"),
+    ]
+    paths = outputs.prepare({k: os.path.join(out, f) for k, f in names}, overwrite)
     dataset = data.load_dataset(config)
     clf = classifier_lib.get_classifier(dataset, classifier_dir, epochs=classifier_epochs)
     reference = Reference(clf, dataset)
     labels = np.repeat(np.arange(config.num_classes), per_class)
-    runs = [(guidance_spec, w) for w in ws] + [(s, steps_w) for s in sampler_specs]
-    runs = list(dict.fromkeys(runs))
+    runs = list(dict.fromkeys([*guidance_plans, *step_plans]))
     calls = network_calls(runs, len(labels), batch_size)
     logger.info(
         f"this sweep makes {calls} network calls ({len(runs)} runs of {len(labels)} samples at "
@@ -205,36 +197,21 @@ def sweep(
     bar = _bar(len(runs), progress)
     rows = []
     started = time.monotonic()
-    for index, (spec, w) in enumerate(runs):
+    for index, plan in enumerate(runs):
         chunks = []
         for i in range(0, len(labels), batch_size):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            result = generation.generate(
-                config,
-                model,
-                params,
-                data_shape,
-                labels[i : i + batch_size],
-                key,
-                w=w,
-                method=spec.method,
-                steps=spec.steps,
-                **sampler_options,
-            )
+            result = generation.generate(*ckpt[:4], labels[i : i + batch_size], key, plan)
             chunks.append(np.asarray(result.samples))
-        options = {k: v for k, v in sampler_options.items() if k != "eta"}
-        _, _, spacing, settings = generation.resolve_sampler(
-            config, spec.method, spec.steps, **options
-        )
         row = {
-            "sampler": spec.method,
-            "steps": spec.steps,
-            "spacing": spacing,
-            "x0": generation.x0_mode(settings),
+            "sampler": plan.solver,
+            "steps": plan.steps,
+            "spacing": plan.spacing,
+            "x0": plan.x0,
             # network evaluations per sample: one denoiser call per step (on the doubled batch
             # when guided)
-            "nfe": spec.steps,
-            "w": w,
+            "nfe": plan.steps,
+            "w": plan.w,
             **evaluate_images(reference, np.concatenate(chunks), labels),
         }
         rows.append(row)
@@ -249,28 +226,46 @@ def sweep(
         bar.close()
     header = {
         "workdir": os.path.abspath(workdir),
-        "checkpoint_step": step,
+        "checkpoint_step": ckpt.step,
         "dataset": dataset.name,
         "classifier_test_accuracy": clf.test_accuracy,
         "per_class": per_class,
         "seed": seed,
         "device": jax.devices()[0].device_kind,
-        "sampler_options": {k: v for k, v in sampler_options.items() if v is not None},
+        "sampler_options": shared_options(runs),
     }
-    with images_lib.written(outputs["json"]) as tmp, open(tmp, "w") as f:
-        f.write(to_json({**header, "rows": rows}))
-    with images_lib.written(outputs["md"]) as tmp, open(tmp, "w") as f:
-        f.write(markdown_table(rows, header))
-    plot_sweep(rows, guidance_spec, steps_w, outputs)
-    for path in outputs.values():
+    first = guidance_plans[0] if guidance_plans else runs[0]
+    steps_w = step_plans[0].w if step_plans else first.w
+    with outputs.staged(paths, overwrite) as tmp:
+        with open(tmp["json"], "w") as f:
+            f.write(to_json({**header, "rows": rows}))
+        with open(tmp["md"], "w") as f:
+            f.write(markdown_table(rows, header))
+        plot_sweep(rows, SamplerSpec(first.solver, first.steps), steps_w, tmp)
+    for path in paths.values():
         logger.info(f"wrote {path}")
     return rows
 
 
-def network_calls(runs: list[tuple[SamplerSpec, float]], n: int, batch_size: int) -> int:
-    """Denoiser calls of sampling ``n`` images per run in batches of ``batch_size``: one per step
-    and batch (a guided batch is one call on twice the images)."""
-    return sum(spec.steps for spec, _ in runs) * -(-n // batch_size)
+# the fields of a plan that each row of a sweep names itself
+_ROW_FIELDS = ("solver", "steps", "spacing", "timesteps", "x0", "w")
+
+
+def shared_options(runs: list[SamplingPlan]) -> dict:
+    """The plan fields the rows do not name that all ``runs`` share (e.g. eta, variance)."""
+    fields = [dataclasses.asdict(p) for p in runs]
+    return {
+        k: v
+        for k, v in fields[0].items()
+        if k not in _ROW_FIELDS and v is not None and all(f[k] == v for f in fields)
+    }
+
+
+def network_calls(runs: list[SamplingPlan], n: int, batch_size: int) -> int:
+    """Denoiser calls of sampling ``n`` images per run (plans, or anything with ``steps``) in
+    batches of ``batch_size``: one per step and batch (a guided batch is one call on twice the
+    images)."""
+    return sum(run.steps for run in runs) * -(-n // batch_size)
 
 
 def to_json(obj) -> str:

@@ -3,11 +3,11 @@ hide no other text), accuracy against w, and FD against network calls per sample
 
 from __future__ import annotations
 
-from diffusion_jax import images as images_lib
+from diffusion_jax import outputs
 
 
-def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
-    """Writes ``outputs``['tradeoff'], ['accuracy'] and ['steps'] (PNG paths) from the rows of
+def plot_sweep(rows, guidance_spec, steps_w, paths) -> None:
+    """Writes ``paths``['tradeoff'], ['accuracy'] and ['steps'] (PNG paths) from the rows of
     :func:`evaluation.sweep`."""
     import matplotlib
 
@@ -17,7 +17,7 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     g = [r for r in rows if (r["sampler"], r["steps"]) == tuple(guidance_spec)]
     g.sort(key=lambda r: r["w"])
     fig = tradeoff_figure(g, guidance_spec)
-    with images_lib.written(outputs["tradeoff"]) as tmp:
+    with outputs.written(paths["tradeoff"]) as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
@@ -27,7 +27,7 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     ax.set_ylabel("conditional accuracy")
     ax.set_ylim(0, 1.02)
     fig.tight_layout()
-    with images_lib.written(outputs["accuracy"]) as tmp:
+    with outputs.written(paths["accuracy"]) as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
 
@@ -47,7 +47,7 @@ def plot_sweep(rows, guidance_spec, steps_w, outputs) -> None:
     ax.set_title(f"w = {steps_w:g}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with images_lib.written(outputs["steps"]) as tmp:
+    with outputs.written(paths["steps"]) as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)
 

@@ -1,62 +1,32 @@
-"""Sampling from a trained configuration: the sampler settings of a Config, one call."""
+"""Sampling a trained checkpoint: :func:`load_for_sampling`, :func:`generate` (samples of a
+:class:`~diffusion_jax.plans.SamplingPlan`) and :func:`sample_to_files` (sample.py's pictures)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import tempfile
 import time
 
 import jax
 import numpy as np
 
-from diffusion_jax import checkpoints, models, outputs, samplers, sharding, solvers
-from diffusion_jax.schedules import SPACINGS, max_steps, respace
+from diffusion_jax import (
+    checkpoints,
+    data,
+    images,
+    models,
+    outputs,
+    plans,
+    samplers,
+    sharding,
+    solvers,
+)
+from diffusion_jax.plans import SamplingPlan
 
 logger = logging.getLogger(__name__)
 
 BATCH_SIZE = 1000  # samples drawn at once by sample.py: 10,000 in one batch took 8.1 GB
-
-
-def resolve_sampler(
-    config,
-    method: str | None,
-    steps: int | None,
-    spacing: str | None,
-    x0: str | None = None,
-    threshold_quantile: float = solvers.THRESHOLD_QUANTILE,
-    **settings,
-):
-    """``(method, steps, spacing, settings)`` with the defaults filled in and checked.
-
-    method: the config's ``sampler``. steps: the config's ``sample_steps`` when the method is the
-    config's own, else the solver's default (all T steps for ``ddpm``). spacing: the one the
-    solver is meant for (``Solver.spacing``). ``settings`` are
-    :class:`~diffusion_jax.samplers.SamplerSettings` fields; unless they set ``clip`` or
-    ``threshold`` themselves, those come from ``x0`` (``solvers.X0_MODES``; default "clip").
-    """
-    method = config.sampler if method is None else method
-    solver = solvers.get(method)
-    T = config.num_timesteps
-    default_count = steps is None
-    if steps is None:
-        steps = (
-            config.sample_steps if method == config.sampler else solvers.default_steps(method, T)
-        )
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
-        raise ValueError(
-            f"--steps must be in [1, {T}] (the model was trained with T={T}), got {steps}"
-        )
-    spacing = solver.spacing if spacing is None else spacing
-    if spacing not in SPACINGS:
-        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-    if default_count:  # a default never asks for more steps than the spacing can place
-        steps = min(steps, max_steps(config.schedule, T, spacing))
-    if "clip" not in settings and "threshold" not in settings:
-        settings.update(solvers.x0_settings(x0 or "clip", threshold_quantile))
-    samplers.SamplerSettings(method=method, **settings)  # bad settings fail before any work
-    return method, int(steps), spacing, settings
 
 
 def generate(
@@ -66,29 +36,22 @@ def generate(
     data_shape: tuple[int, ...],
     labels,
     key: jax.Array,
+    plan: SamplingPlan | dict | None = None,
     *,
-    w: float | None = None,
-    method: str | None = None,
-    steps: int | None = None,
-    spacing: str | None = None,
-    eta: float = 0.0,
     num_snapshots: int = 0,
-    timing: dict | None = None,
-    mesh=None,
-    batch_size: int | None = None,
     snapshot_rows=None,
-    **settings,
+    batch_size: int | None = None,
+    mesh=None,
+    timed: bool = False,
 ) -> samplers.SampleResult:
     """Samples of shape (len(labels), *data_shape) from ``model`` with ``params``.
 
-    ``labels`` are ints in [0, num_classes] (num_classes = unconditional). ``w`` defaults to the
-    config's ``guidance``; ``method``, ``steps``, ``spacing`` and further keywords (``x0``,
-    ``threshold_quantile``, or :class:`~diffusion_jax.samplers.SamplerSettings` fields such as
-    ``variance``, ``clip``, ``threshold``, ``unroll``) as :func:`resolve_sampler`. ``timing`` is
-    passed to
-    :func:`~diffusion_jax.samplers.sample`. The batch is split over ``mesh`` (default: this
-    process's devices, when there are several; in a multi-process program pass a mesh over all
-    processes' devices and call this on every process).
+    ``labels`` are ints in [0, num_classes] (num_classes = unconditional); ``plan`` says how to
+    sample (:func:`~diffusion_jax.plans.for_config`: a plan, a dict of ``plans.resolve``
+    keywords, or None for the config's own sampler and guidance). ``timed``:
+    the result carries its :class:`~diffusion_jax.samplers.Timing`. The batch is split over
+    ``mesh`` (default: this process's devices, when there are several; in a multi-process
+    program pass a mesh over all processes' devices and call this on every process).
 
     ``batch_size`` bounds the memory: more labels than that are sampled in chunks of
     ``batch_size`` rows (the last one padded, so one program serves them all). Chunk c draws
@@ -98,14 +61,15 @@ def generate(
     """
     if mesh is None and jax.local_device_count() > 1:
         mesh = sharding.data_mesh(jax.local_devices())
-    method, steps, spacing, settings = resolve_sampler(config, method, steps, spacing, **settings)
+    plan = plans.for_config(config, plan)
     labels = np.asarray(labels)
     n = len(labels)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     size = n if batch_size is None else min(batch_size, n)
-    schedule = respace(config.schedule, config.num_timesteps, steps, spacing)
-    w = config.guidance if w is None else w
+    schedule = plan.schedule(config.schedule, config.num_timesteps)
+    settings = plan.settings(config.prediction, num_snapshots=num_snapshots)
+    options = plan.chain_options(schedule, config.num_timesteps)
 
     def chain(c: int) -> samplers.ChainCall:
         part = labels[c * size : (c + 1) * size]
@@ -119,22 +83,18 @@ def generate(
             (size, *data_shape),
             num_classes=config.num_classes,
             labels=part,
-            w=w,
-            eta=eta,
-            method=method,
-            prediction=config.prediction,
-            num_snapshots=num_snapshots,
+            settings=settings,
             mesh=mesh,
-            **settings,
+            **options,
         )
 
     first = chain(0)
     if size == n:  # one batch: the arrays stay on the device (global arrays with a mesh)
-        result = first.run() if timing is None else first.timed(timing)
+        result = first.timed() if timed else first.run()
         if snapshot_rows is None or result.snapshots is None:
             return result
         return result._replace(snapshots=result.snapshots[:, np.asarray(snapshot_rows)])
-    compiled, compile_s = first.compile() if timing is not None else (None, 0.0)
+    compiled, compile_s = first.compile() if timed else (None, 0.0)
     start = time.perf_counter()
     samples, snapshots = [], []
     for c in range(-(-n // size)):
@@ -144,46 +104,16 @@ def generate(
         if result.snapshots is not None:
             keep = rows if snapshot_rows is None else np.intersect1d(rows, snapshot_rows)
             snapshots.append(np.asarray(result.snapshots)[:, keep - c * size])
-    if timing is not None:
-        timing.update(compile_s=compile_s, sample_s=time.perf_counter() - start)
+    timing = samplers.Timing(compile_s, time.perf_counter() - start) if timed else None
     return samplers.SampleResult(
-        np.concatenate(samples), np.concatenate(snapshots, axis=1) if snapshots else None
+        np.concatenate(samples), np.concatenate(snapshots, axis=1) if snapshots else None, timing
     )
 
 
-def x0_mode(settings: dict) -> str:
-    """The ``solvers.X0_MODES`` entry that resolved ``clip``/``threshold`` settings amount to."""
-    if settings.get("threshold") is not None:
-        return "threshold"
-    return "none" if settings.get("clip", (-1.0, 1.0)) is None else "clip"
-
-
-def sampler_tag(method: str, steps: int, spacing: str, eta: float = 0.0, **settings) -> str:
-    """A file-name fragment naming every sampler choice that differs from the solver's
-    defaults, e.g. ``dpmpp2m20`` or ``ddim50_eta0.5_quadratic_x0threshold``; ``settings`` as
-    resolved by :func:`resolve_sampler`."""
-    solver = solvers.get(method)
-    tag = solver.tag(steps, eta)
-    if spacing != solver.spacing:
-        tag += f"_{spacing}"
-    if settings.get("variance", "small") != "small":
-        tag += f"_{settings['variance']}"
-    threshold, clip = settings.get("threshold"), settings.get("clip", (-1.0, 1.0))
-    mode = x0_mode(settings)
-    if mode != "clip":
-        tag += f"_x0{mode}"
-    if mode == "threshold" and threshold != solvers.THRESHOLD_QUANTILE:
-        tag += f"_q{threshold:g}"
-    if mode == "clip" and tuple(clip) != (-1.0, 1.0):
-        tag += f"_clip{clip[0]:g},{clip[1]:g}"
-    return tag
-
-
-def load_for_sampling(path: str):
-    """``(config, model, ema_params, data_shape, step)`` from a workdir or a checkpoint folder.
-
-    Only the EMA parameters are read (not the optimizer state).
-    """
+def load_for_sampling(path: str) -> checkpoints.Checkpoint:
+    """The :class:`~diffusion_jax.checkpoints.Checkpoint` (config, model, EMA parameters,
+    example shape, step) of a workdir or a checkpoint folder. Only the EMA parameters are read
+    (not the optimizer state)."""
     mngr, directory, step, config, data_shape = checkpoints.open_for_sampling(path)
     try:
         model = models.build_model(config)
@@ -191,58 +121,42 @@ def load_for_sampling(path: str):
         params = checkpoints.restore_ema(mngr, directory, step, target)
     finally:
         mngr.close()
-    return config, model, params, data_shape, step
-
-
-def check_writable(folder: str) -> None:
-    """Create ``folder`` if needed; PermissionError with the reason if it cannot be written."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise PermissionError(f"cannot write to output folder {folder!r}: {e.strerror}") from e
+    return checkpoints.Checkpoint(config, model, params, tuple(data_shape), step)
 
 
 def sample_to_files(
     workdir: str,
+    plan: SamplingPlan | dict | None = None,
     *,
     labels=None,
     per_class: int | None = None,
-    w: float | None = None,
-    method: str | None = None,
-    steps: int | None = None,
-    spacing: str | None = None,
-    eta: float = 0.0,
     seed: int = 0,
     frames: int = 20,
     out: str | None = None,
     overwrite: bool = False,
     batch_size: int = BATCH_SIZE,
-    **settings,
 ) -> dict[str, str]:
-    """Sample a checkpoint and write the pictures and an ``.npz``; returns {kind: path}.
+    """Sample a checkpoint with ``plan`` (a plan, a dict of ``plans.resolve`` keywords such as
+    ``{"steps": 4}``, or None: the config's defaults) and write the pictures and an ``.npz``;
+    returns {kind: path}.
 
     Images: ``*_grid.png`` (one row per class), ``*_reverse.gif`` (``frames`` snapshots of the
     chain) and ``*_samples.npz`` (uint8 images, labels, settings). 2-D data: ``*_toy2d.png``
-    (the full-length ancestral chain next to the requested few-step sampler, against the data)
-    and the ``.npz``. File names record step, sampler settings, w and seed; existing files are
-    never replaced unless ``overwrite``. ``method``, ``steps``, ``spacing`` default as
-    :func:`resolve_sampler`; further keywords are :class:`~diffusion_jax.samplers.SamplerSettings`
-    fields (``variance``, ``clip``, ``threshold``). At most ``batch_size`` samples are drawn at
+    (the full-length ancestral chain next to the plan's sampler, against the data) and the
+    ``.npz``. File names record step, the plan (:meth:`SamplingPlan.tag`), w and seed; existing
+    files are never replaced unless ``overwrite``. At most ``batch_size`` samples are drawn at
     once (see :func:`generate`); a name of more samples than that also records the batch size,
     on which they then depend.
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    config, model, params, data_shape, step = load_for_sampling(workdir)
+    ckpt = load_for_sampling(workdir)
+    config, data_shape = ckpt.config, ckpt.data_shape
+    plan = plans.for_config(config, plan)
     is_2d = len(data_shape) == 1
-    method, steps, spacing, settings = resolve_sampler(config, method, steps, spacing, **settings)
-    w = config.guidance if w is None else w
     if not is_2d and frames < 2:
         raise ValueError(f"--frames must be >= 2 (the GIF shows noise to samples), got {frames}")
-    name = f"step{step}_{sampler_tag(method, steps, spacing, eta, **settings)}"
-    name += f"_w{w:g}_seed{seed}"
+    name = f"step{ckpt.step}_{plan.tag()}_w{plan.w:g}_seed{seed}"
     if labels is None:
         per_class = (400 if is_2d else 8) if per_class is None else per_class
         if per_class < 1:
@@ -259,49 +173,39 @@ def sample_to_files(
     if len(labels) > batch_size:
         name += f"_batch{batch_size}"
 
-    out = out or os.path.join(os.path.dirname(checkpoints.resolve(workdir)[0]), "samples")
-    stem = os.path.join(out, name)
     kinds = ("toy2d", "samples") if is_2d else ("grid", "reverse", "samples")
     ext = {"grid": "png", "toy2d": "png", "reverse": "gif", "samples": "npz"}
-    paths = {k: f"{stem}_{k}.{ext[k]}" for k in kinds}
-    outputs.clean_stale(out)  # a killed earlier call's staging folder is not an output
-    outputs.check_free(paths, overwrite)
-    check_writable(out)
+    folder = out or outputs.default_folder(workdir, "samples")
+    paths = outputs.prepare(outputs.named(folder, name, {k: ext[k] for k in kinds}), overwrite)
 
     key = jax.random.PRNGKey(seed)
-    timing: dict = {}
-    kw = dict(
-        w=w, method=method, steps=steps, spacing=spacing, eta=eta, batch_size=batch_size, **settings
-    )
     result = generate(
-        config,
-        model,
-        params,
-        data_shape,
+        *ckpt[:4],
         labels,
         key,
-        num_snapshots=0 if is_2d else min(frames, steps + 1),
+        plan,
+        num_snapshots=0 if is_2d else min(frames, plan.steps + 1),
         snapshot_rows=None if is_2d else gif_selection(labels),
-        timing=timing,
-        **kw,
+        batch_size=batch_size,
+        timed=True,
     )
     logger.info(
         f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
-        f"{len(labels)} samples, {method} {steps} steps, w={w:g}: "
-        f"compile {timing['compile_s']:.1f} s, sampling {timing['sample_s']:.2f} s"
+        f"{len(labels)} samples, {plan.solver} {plan.steps} steps, w={plan.w:g}: "
+        f"compile {result.timing.compile_s:.1f} s, sampling {result.timing.sample_s:.2f} s"
     )
     samples = np.asarray(result.samples)
     if not np.all(np.isfinite(samples)):
         raise ValueError(
             f"{np.sum(~np.isfinite(samples))} sample values are NaN or infinite, so nothing was "
-            f"written. {_nonfinite_causes(config, w, method, steps, spacing, eta, settings)}"
-            f"If the settings are the run's defaults, the parameters of {workdir!r} step {step} "
-            "give non-finite outputs (a diverged run?): sample from an earlier checkpoint with "
-            f"--workdir {os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
+            f"written. {_nonfinite_causes(config, plan)}"
+            f"If the settings are the run's defaults, the parameters of {workdir!r} step "
+            f"{ckpt.step} give non-finite outputs (a diverged run?): sample from an earlier "
+            f"checkpoint with --workdir {os.path.join(checkpoints.resolve(workdir)[0], 'STEP')}."
         )
 
     with outputs.staged(paths, overwrite) as tmp:  # the .npz (last in paths) moves last
-        _write_outputs(tmp, config, model, params, data_shape, labels, key, kw, result, step, seed)
+        _write_outputs(tmp, ckpt, plan, labels, key, result, seed, batch_size)
     for path in paths.values():
         logger.info(f"wrote {path}")
     return paths
@@ -319,42 +223,39 @@ def gif_selection(labels, per_class: int = GIF_PER_CLASS) -> np.ndarray:
     return order[rank < per_class]
 
 
-def _nonfinite_causes(config, w, method, steps, spacing, eta, settings) -> str:
-    """A sentence naming the sampler settings of this call that differ from the run's own and
-    can make samples non-finite (large guidance, eta, no x0 clipping), or ''."""
+def _nonfinite_causes(config, plan: SamplingPlan) -> str:
+    """A sentence naming the choices of ``plan`` that differ from the run's own and can make
+    samples non-finite (large guidance, eta, no x0 clipping, another solver or grid), or ''."""
     unusual = []
-    if w > max(4.0, 2 * config.guidance):
-        unusual.append(f"--w {w:g}")
-    if eta > 0:
-        unusual.append(f"--eta {eta:g}")
-    if x0_mode(settings) == "none":
+    if plan.w > max(4.0, 2 * config.guidance):
+        unusual.append(f"--w {plan.w:g}")
+    if plan.eta > 0:
+        unusual.append(f"--eta {plan.eta:g}")
+    if plan.x0 == "none":
         unusual.append("--x0 none")
-    if method != config.sampler or spacing != solvers.get(method).spacing:
-        unusual.append(f"--sampler {method} --steps {steps} ({spacing} spacing)")
+    if plan.timesteps is not None:
+        unusual.append(f"--timesteps {','.join(map(str, plan.timesteps))}")
+    elif plan.solver != config.sampler or plan.spacing != solvers.get(plan.solver).spacing:
+        unusual.append(f"--sampler {plan.solver} --steps {plan.steps} ({plan.spacing} spacing)")
     if not unusual:
         return ""
     return f"These settings may cause it: {', '.join(unusual)}; try the run's defaults. "
 
 
-def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, result, step, seed):
+def _write_outputs(paths, ckpt, plan: SamplingPlan, labels, key, result, seed, batch_size):
     """The files of :func:`sample_to_files` (each written under a temporary name first)."""
-    from diffusion_jax import data, images
-
+    config, data_shape = ckpt.config, ckpt.data_shape
     samples = np.asarray(result.samples)
-    T, method, steps = config.num_timesteps, kw["method"], kw["steps"]
+    T = config.num_timesteps
     if len(data_shape) == 1:
         # the reference is the full ancestral chain: all T steps, so uniform spacing (the
         # few-step sampler's spacing, e.g. dpmpp2m's logsnr, cannot place T steps)
-        reference = dict(kw, method="ddpm", steps=T, spacing="uniform", eta=0.0)
-        full = np.asarray(
-            generate(config, model, params, data_shape, labels, key, **reference).samples
-        )
+        reference = plan.replace(solver="ddpm", steps=T, spacing="uniform", timesteps=None, eta=0)
+        full = generate(*ckpt[:4], labels, key, reference, batch_size=batch_size).samples
         real = data.load_dataset(config).test_x[: len(labels)]
-        images.save_toy2d_plot(
-            real,
-            {f"ancestral, {T} steps": full, f"{method}, {steps} steps": samples},
-            paths["toy2d"],
-        )
+        panels = {f"ancestral, {T} steps": np.asarray(full)}
+        panels[f"{plan.solver}, {plan.steps} steps"] = samples
+        images.save_toy2d_plot(real, panels, paths["toy2d"])
     else:
         images.save_grid(samples, labels, paths["grid"], null_label=config.null_label)
         shown = gif_selection(labels)
@@ -370,11 +271,11 @@ def _write_outputs(paths, config, model, params, data_shape, labels, key, kw, re
         paths["samples"],
         samples,
         labels,
-        w=kw["w"],
-        sampler=method,
-        steps=steps,
-        spacing=kw["spacing"],
-        eta=kw["eta"],
+        w=plan.w,
+        sampler=plan.solver,
+        steps=plan.steps,
+        spacing=plan.spacing,
+        eta=plan.eta,
         seed=seed,
-        step=step,
+        step=ckpt.step,
     )

@@ -3,12 +3,10 @@ plots, and the ``.npz`` files that evaluation reads. Inputs are in the model ran
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy as np
 
 from diffusion_jax.data import to_unit_range
+from diffusion_jax.outputs import written  # (re-exported: images.written is used by hooks)
 
 
 def to_uint8(x) -> np.ndarray:
@@ -146,23 +144,4 @@ def save_toy2d_plot(real, panels: dict[str, np.ndarray], path: str) -> None:
     with written(path) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
-
-
-@contextlib.contextmanager
-def written(path: str):
-    """Yield a temporary name beside ``path`` to write to; it becomes ``path`` only when the
-    block ends without an error, so a full disk or a crash never leaves a truncated file where a
-    finished one is expected (and no half-written file blocks the rerun). The temporary name
-    keeps the extension, which matplotlib, PIL and numpy read the format from."""
-    path = os.path.abspath(path)
-    parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".partial-{os.getpid()}-{name}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 

@@ -140,11 +140,12 @@ def inpaint(
     image, or of the batch) is 0; returns (B, ...), equal to ``images`` exactly where the mask
     is 1.
 
-    ``labels`` (B,) and ``w`` as in :func:`~diffusion_jax.samplers.sample` (None:
+    ``labels`` (B,) and ``w`` as in :func:`~diffusion_jax.samplers.prepare_chain` (None:
     unconditional); ``resample``: RePaint's repeats per step (1 = plain replacement, no
-    resampling), each costing one more network call per step. ``settings`` are
-    :class:`~diffusion_jax.samplers.SamplerSettings` fields (``prediction``, ``clip``,
-    ``variance``...); the update is ancestral, which the resampling needs (it re-noises).
+    resampling), each costing one more network call per step. ``settings``: further keywords of
+    ``prepare_chain`` (``settings``, ``guidance_scale``, or
+    :class:`~diffusion_jax.samplers.SamplerSettings` fields such as ``prediction``, ``clip``,
+    ``variance``); the solver is ancestral, which the resampling needs (it re-noises).
     """
     images = np.asarray(images, np.float32)
     if images.ndim < 2:
@@ -165,7 +166,7 @@ def inpaint(
         num_classes=num_classes,
         labels=labels,
         w=w,
-        method="ddpm",
+        solver="ddpm",
         **settings,
     )
     params, schedule, key, labels, w, _, _ = call.args

@@ -1,4 +1,9 @@
-"""Output sets written all or nothing: every file of one request is written into a hidden
+"""Where outputs go and how they are written: the default folder of a run's outputs
+(:func:`default_folder`), the checks before any work (:func:`prepare`: nothing replaced without
+``overwrite``, the folder writable), one file written atomically (:func:`written`) and output
+sets written all or nothing (:func:`staged`).
+
+Output sets written all or nothing: every file of one request is written into a hidden
 staging folder beside its destination and moved into place at the end (renames are atomic),
 so a crash, Ctrl-C or kill -9 leaves no part of the set where finished outputs are expected.
 
@@ -14,9 +19,28 @@ import os
 import shutil
 import tempfile
 
-from diffusion_jax import workdir
+from diffusion_jax import checkpoints, workdir
 
 PREFIX = ".partial-"
+
+
+@contextlib.contextmanager
+def written(path: str):
+    """Yield a temporary name beside ``path`` to write to; it becomes ``path`` only when the
+    block ends without an error, so a full disk or a crash never leaves a truncated file where a
+    finished one is expected (and no half-written file blocks the rerun). The temporary name
+    keeps the extension, which matplotlib, PIL and numpy read the format from."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f"{PREFIX}{os.getpid()}-{name}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def clean_stale(folder: str) -> None:
@@ -32,6 +56,39 @@ def clean_stale(folder: str) -> None:
                 else:
                     with contextlib.suppress(OSError):
                         os.remove(path)
+
+
+def default_folder(run: str, kind: str) -> str:
+    """``RUN/kind`` (e.g. ``samples``, ``eval``) for a workdir or one of its checkpoint folders."""
+    return os.path.join(os.path.dirname(checkpoints.resolve(run)[0]), kind)
+
+
+def named(folder: str, name: str, kinds: dict[str, str]) -> dict[str, str]:
+    """{kind: ``folder/name_kind.ext``} for ``kinds`` = {kind: ext}, in that order."""
+    return {k: os.path.join(folder, f"{name}_{k}.{ext}") for k, ext in kinds.items()}
+
+
+def prepare(paths: dict[str, str], overwrite: bool = False) -> dict[str, str]:
+    """Check, before any work, that the set ``paths`` ({kind: path}) can be written: stale
+    staging folders removed, FileExistsError if it exists (unless ``overwrite``), the folders
+    created, PermissionError if one cannot be written. Returns ``paths``."""
+    folders = dict.fromkeys(os.path.dirname(os.path.abspath(p)) for p in paths.values())
+    for folder in folders:
+        clean_stale(folder)  # a killed earlier call's staging folder is not an output
+    check_free(paths, overwrite)
+    for folder in folders:
+        check_writable(folder)
+    return paths
+
+
+def check_writable(folder: str) -> None:
+    """Create ``folder`` if needed; PermissionError with the reason if it cannot be written."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to output folder {folder!r}: {e.strerror}") from e
 
 
 def check_free(paths: dict[str, str], overwrite: bool) -> None:

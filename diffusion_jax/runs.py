@@ -13,7 +13,9 @@ import json
 import logging
 import os
 
-from diffusion_jax import checkpoints, data, sharding
+import jax
+
+from diffusion_jax import checkpoints, data, models, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
 
@@ -116,10 +118,6 @@ def check_same_network(saved, saved_shape, config, data_shape) -> None:
     parameters (names or shapes) than the ``saved`` one on ``saved_shape``: its checkpoint could
     not be restored into it, whatever --allow_config_change says. Only called when a model or
     data field changed (tracing both networks' shapes costs a second or two)."""
-    import jax
-
-    from diffusion_jax import models
-
     def shapes(cfg, shape):
         params = models.abstract_params(models.build_model(cfg), (1, *shape))
         leaves = jax.tree_util.tree_leaves_with_path(params)

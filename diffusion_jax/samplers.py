@@ -1,8 +1,8 @@
 """Samplers: the whole reverse chain in one ``jax.jit`` with ``lax.scan``.
 
-The entry point is :func:`sample`. It walks a :class:`~diffusion_jax.schedules.Schedule` from its
-last row (pure noise) to row 0 (the data) with one of the update rules registered in
-:mod:`diffusion_jax.solvers` (``ddpm``, ``ddim``, ``dpmpp2m``), chosen in a
+The entry point is :func:`sample` (``prepare_chain(...).run()``). It walks a
+:class:`~diffusion_jax.schedules.Schedule` from its last row (pure noise) to row 0 (the data) with
+one of the solvers (update rules) registered in :mod:`diffusion_jax.solvers`, chosen in a
 :class:`SamplerSettings`. Each step calls the denoiser once, turns its output into (x0_hat,
 eps_hat) (:func:`diffusion_jax.diffusion.to_x0_eps`, with fixed clipping or dynamic thresholding
 of x0_hat) and hands them to the solver, whose carry rides along in the scan.
@@ -10,11 +10,12 @@ of x0_hat) and hands them to the solver, whose carry rides along in the scan.
 Classifier-free guidance uses eps_hat = (1 + w) eps(x, t, c) - w eps(x, t, null): ``w = 0`` is the
 plain conditional model, larger ``w`` follows the class more closely. The conditional and
 unconditional outputs come from **one** call of the denoiser on the doubled batch; at ``w = 0``
-the unconditional half is never built.
+the unconditional half is never built. ``guidance_scale`` (K,) multiplies ``w`` row by row
+(a guidance interval or schedule, :mod:`diffusion_jax.guidance`).
 
 What compiles: one XLA program per distinct (denoiser object, sample shape, number of schedule
-rows, :class:`SamplerSettings`, guided-or-not, null_label, mesh). The guidance weight, eta, the
-labels, the key, the parameters' values and the schedule's values are traced, so sweeping them
+rows, :class:`SamplerSettings`, guided-or-not, null_label, mesh). The guidance weights, eta,
+the labels, the key, the parameters' values and the schedule's values are traced, so sweeping them
 reuses the compiled program. Pass the *same* denoiser object each time: a new lambda or
 ``functools.partial`` per call is a new static argument and recompiles.
 """
@@ -32,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import diffusion, sharding, solvers
+from diffusion_jax.guidance import guided_output
 from diffusion_jax.schedules import Schedule
 
-METHODS = solvers.METHODS
+SOLVERS = tuple(solvers.SOLVERS)  # the registered solvers' names
 VARIANCES = solvers.VARIANCES
 
 
@@ -42,7 +44,8 @@ VARIANCES = solvers.VARIANCES
 class SamplerSettings:
     """Everything about a chain that is fixed when it compiles (hashable, so a static argument).
 
-    method: a registered solver, ``solvers.METHODS``.
+    solver: a registered solver (``solvers.SOLVERS``), by name or as the object; kept as the
+      object, so ``settings.solver.init(x)`` and ``settings.solver.name`` work.
     variance: "small" (beta~) or "large" (beta), for ``ddpm``.
     prediction: what the network predicts, one of ``diffusion.PREDICTIONS``.
     clip: clip predicted x_0 to this range (the data range is [-1, 1]); None disables.
@@ -52,7 +55,7 @@ class SamplerSettings:
     unroll: ``lax.scan`` unroll factor (a speed knob; results are identical).
     """
 
-    method: str = "ddpm"
+    solver: str | solvers.Solver = "ddpm"
     variance: str = "small"
     prediction: str = "eps"
     clip: tuple[float, float] | None = (-1.0, 1.0)
@@ -61,7 +64,8 @@ class SamplerSettings:
     unroll: int = 1
 
     def __post_init__(self):
-        solvers.get(self.method)
+        if not isinstance(self.solver, solvers.Solver):
+            object.__setattr__(self, "solver", solvers.get(self.solver))
         if self.variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {self.variance!r}")
         diffusion.check_prediction(self.prediction)
@@ -83,40 +87,23 @@ class SamplerSettings:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
             object.__setattr__(self, name, int(value))
 
-    @property
-    def solver(self) -> solvers.Solver:
-        return solvers.get(self.method)
+
+class Timing(NamedTuple):
+    """Seconds spent compiling the chain ahead of time and running it (timed to completion)."""
+
+    compile_s: float
+    sample_s: float
 
 
 class SampleResult(NamedTuple):
     """``samples``: (B, ...) float32 x_0 draws (not clipped beyond what ``clip`` asks).
     ``snapshots``: (S, B, ...) the chain's state at S evenly spaced points, from the initial noise
-    (index 0) to the final samples (index S-1); None when no snapshots were asked for."""
+    (index 0) to the final samples (index S-1); None when no snapshots were asked for.
+    ``timing``: a :class:`Timing` when the chain was timed, else None."""
 
     samples: jnp.ndarray
     snapshots: jnp.ndarray | None
-
-
-def guided_output(denoise_fn, params, x, t, labels, w, null_label: int, guided: bool):
-    """The denoiser's output with classifier-free guidance, (1 + w) out_c - w out_u.
-
-    Combining raw outputs equals combining eps: every conversion to eps is affine in the output
-    at fixed x_t and the weights (1 + w, -w) sum to one. ``guided`` is static: when False the
-    unconditional branch is not traced at all. Shapes: x (B, ...), t and labels (B,), w scalar
-    or (B,).
-    """
-    if not guided:
-        return denoise_fn(params, x, t, labels).astype(jnp.float32)
-    batch = x.shape[0]
-    both = denoise_fn(
-        params,
-        jnp.concatenate([x, x]),
-        jnp.concatenate([t, t]),
-        jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
-    ).astype(jnp.float32)
-    cond, uncond = both[:batch], both[batch:]
-    w = jnp.reshape(jnp.asarray(w, jnp.float32), (-1,) + (1,) * (x.ndim - 1))
-    return (1.0 + w) * cond - w * uncond
+    timing: Timing | None = None
 
 
 def snapshot_slots(num_steps: int, num_snapshots: int) -> np.ndarray:
@@ -152,12 +139,13 @@ def reverse_step(
     """One step of the reverse chain from row ``k`` (a scalar) to row k-1: ``(x, carry)`` ->
     ``(x, carry)`` with x (B, ...) and the solver's carry.
 
-    The step's key is ``fold_in(key_steps, k)``, so a chain built from this function (the
+    ``w`` holds the guidance weights of every row, (K, B) (or (K, 1)); row k's are used. The
+    step's key is ``fold_in(key_steps, k)``, so a chain built from this function (the
     ``lax.scan`` of :func:`sample`, or :func:`sample_python_loop`) gives the same samples for the
     same key.
     """
     t = jnp.full((x.shape[0],), schedule.timesteps[k], jnp.int32)
-    out = guided_output(denoise_fn, params, x, t, labels, w, null_label, guided)
+    out = guided_output(denoise_fn, params, x, t, labels, w[k], null_label, guided)
     kk = jnp.full((x.shape[0],), k)
     x0, eps = diffusion.to_x0_eps(
         schedule, settings.prediction, out, x, kk, settings.clip, settings.threshold
@@ -213,8 +201,8 @@ class ChainCall(NamedTuple):
     """A checked chain, ready to compile or run: ``_sample_chain(*args, **static)``.
 
     ``args`` = (params, schedule, key, labels, w, eta, x_init), padded and replicated for a mesh
-    (``x_init`` None unless the chain starts from given noise); the
-    chain has ``static["shape"][0]`` rows, of which the first ``batch`` are the samples."""
+    (``w`` the guidance weights per row and sample, (K, B) or (K, 1); ``x_init`` None unless the
+    chain starts from given noise); the chain has ``static["shape"][0]`` rows, of which the first ``batch`` are the samples."""
 
     args: tuple
     static: dict
@@ -245,14 +233,14 @@ class ChainCall(NamedTuple):
         )
         return self.result(outputs)
 
-    def timed(self, timing: dict) -> SampleResult:
-        """Compile ahead of time and run once; ``timing`` receives ``compile_s`` and
-        ``sample_s`` (seconds, the run timed to completion)."""
-        compiled, timing["compile_s"] = self.compile()
+    def timed(self) -> SampleResult:
+        """Compile ahead of time and run once: the result with its :class:`Timing`. The
+        compiled program is not kept in the jit cache."""
+        compiled, compile_s = self.compile()
         start = time.perf_counter()
         outputs = jax.block_until_ready(compiled(*self.args))
-        timing["sample_s"] = time.perf_counter() - start
-        return self.result(outputs)
+        sample_s = time.perf_counter() - start
+        return self.result(outputs)._replace(timing=Timing(compile_s, sample_s))
 
 
 @functools.cache
@@ -323,85 +311,14 @@ def prepare_chain(
     labels=None,
     w: float = 0.0,
     eta: float = 0.0,
+    guidance_scale=None,
     x_init=None,
     settings: SamplerSettings | None = None,
     mesh=None,
     **overrides,
 ) -> ChainCall:
-    """The :class:`ChainCall` that :func:`sample` runs with these arguments: checked, and padded
-    for a ``mesh``. For tools that compile, time or inspect the chain themselves."""
-    settings = _settings(settings, overrides)
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or shape[0] < 1:
-        raise ValueError(f"shape must be (batch, ...) with batch >= 1, got {shape}")
-    if not _is_concrete(eta) or not 0 <= float(eta) <= 1:  # > 1: noise beyond the posterior's
-        raise ValueError(f"eta must be in [0, 1] (1 = ancestral's noise), got {eta!r}")
-    if settings.num_snapshots > schedule.num_steps + 1:
-        raise ValueError(
-            f"num_snapshots must be in [0, {schedule.num_steps + 1}] (steps + 1), "
-            f"got {settings.num_snapshots!r}"
-        )
-    w_arr = np.asarray(w, dtype=np.float64)
-    if w_arr.ndim > 1 or (w_arr.ndim == 1 and w_arr.shape[0] != shape[0]):
-        raise ValueError(f"w must be a number or a ({shape[0]},) array, got shape {w_arr.shape}")
-    if not np.all(np.isfinite(w_arr)) or np.any(w_arr < 0):
-        raise ValueError(f"w must be finite and >= 0, got {w!r}")
-    guided = bool(np.any(w_arr != 0))
-    if labels is None:
-        if guided:
-            raise ValueError("guidance (w > 0) needs labels; pass labels or set w=0")
-        labels = jnp.full((shape[0],), num_classes, jnp.int32)
-    check_labels(labels, num_classes, shape[0])
-    batch, labels = shape[0], jnp.asarray(labels, jnp.int32)
-    if mesh is not None:
-        # Padding leaves the real samples unchanged: with partitionable threefry (jax's default)
-        # the noise of sample i does not depend on the batch size.
-        pad = -batch % mesh.devices.size
-        shape = (batch + pad, *shape[1:])
-        labels = np.concatenate([np.asarray(labels), np.full(pad, num_classes, np.int32)])
-        if w_arr.ndim:
-            w_arr = np.concatenate([w_arr, np.zeros(pad)])
-    if x_init is not None:
-        x_init = np.asarray(x_init, np.float32)
-        if x_init.shape != (batch, *shape[1:]):
-            raise ValueError(
-                f"x_init must have the sample shape {(batch, *shape[1:])}, got {x_init.shape}"
-            )
-        if mesh is not None:
-            x_init = np.concatenate([x_init, np.zeros((shape[0] - batch, *shape[1:]), np.float32)])
-    w_arr, eta = jnp.asarray(w_arr, jnp.float32), jnp.float32(eta)
-    args = (params, schedule, key, labels, w_arr, eta, x_init)
-    if mesh is not None:
-        args = sharding.replicate(args, mesh)
-    static = dict(
-        denoise_fn=denoise_fn,
-        shape=shape,
-        settings=settings,
-        guided=guided,
-        null_label=int(num_classes),
-        mesh=mesh,
-    )
-    return ChainCall(args, static, batch)
-
-
-def sample(
-    denoise_fn: Callable,
-    params,
-    schedule: Schedule,
-    key: jax.Array,
-    shape: tuple[int, ...],
-    *,
-    num_classes: int,
-    labels=None,
-    w: float = 0.0,
-    eta: float = 0.0,
-    x_init=None,
-    settings: SamplerSettings | None = None,
-    mesh=None,
-    timing: dict | None = None,
-    **overrides,
-) -> SampleResult:
-    """Draw ``shape[0]`` samples by running the reverse chain of ``schedule`` on the device.
+    """The reverse chain of ``schedule`` drawing ``shape[0]`` samples, checked and ready to run
+    (:meth:`ChainCall.run`, what :func:`sample` does), time, compile or inspect.
 
     Args:
       denoise_fn: ``fn(params, x_t, t, labels) -> output`` with x_t (B, ...), t int32 (B,)
@@ -415,37 +332,94 @@ def sample(
       labels: int (B,) labels in [0, num_classes], per sample; None samples unconditionally.
       w: guidance weight >= 0, a Python number or a (B,) array of numbers (must be concrete: it
         decides whether the unconditional branch is compiled in). 0 = no guidance.
-      eta: DDIM noise scale >= 0 (0 = deterministic); traced, so sweeping it does not recompile.
+      eta: DDIM noise scale in [0, 1] (0 = deterministic); traced, so sweeping it does not
+        recompile.
+      guidance_scale: (K,) factors >= 0 of ``w`` per row of ``schedule`` (a guidance interval
+        or schedule, :func:`diffusion_jax.guidance.guidance_scale`); None = 1 everywhere.
       x_init: (B, ...) noise to start the chain from instead of drawing it from ``key`` (e.g.
         the same noise for every sample, or interpolated noises); the steps' noise still comes
         from ``key``.
       settings: a :class:`SamplerSettings` (default: ancestral, small variance, eps, clip to
-        [-1, 1]); any of its fields may also be given as a keyword (``method="ddim"``,
+        [-1, 1]); any of its fields may also be given as a keyword (``solver="ddim"``,
         ``clip=None``, ...), which overrides ``settings``.
       mesh: a ``jax.sharding.Mesh`` (e.g. ``sharding.data_mesh()``) to split the batch over its
         devices, parameters replicated; the batch is padded to a multiple of the device count.
         The same key gives the same samples with or without a mesh. The results are then global
         arrays (use ``sharding.to_host`` when the mesh spans several processes).
-      timing: if a dict, the chain is compiled ahead of time and run once, and the dict receives
-        ``compile_s`` and ``sample_s`` (seconds, the run timed to completion). That compiled
-        program is not kept in the jit cache.
+    """
+    settings = _settings(settings, overrides)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"shape must be (batch, ...) with batch >= 1, got {shape}")
+    if not _is_concrete(eta) or not 0 <= float(eta) <= 1:  # > 1: noise beyond the posterior's
+        raise ValueError(f"eta must be in [0, 1] (1 = ancestral's noise), got {eta!r}")
+    if settings.num_snapshots > schedule.num_steps + 1:
+        raise ValueError(
+            f"num_snapshots must be in [0, {schedule.num_steps + 1}] (steps + 1), "
+            f"got {settings.num_snapshots!r}"
+        )
+    w_rows = _row_weights(w, guidance_scale, schedule.num_steps, shape[0])
+    guided = bool(np.any(w_rows != 0))
+    if labels is None:
+        if guided:
+            raise ValueError("guidance (w > 0) needs labels; pass labels or set w=0")
+        labels = jnp.full((shape[0],), num_classes, jnp.int32)
+    check_labels(labels, num_classes, shape[0])
+    batch, labels = shape[0], jnp.asarray(labels, jnp.int32)
+    if mesh is not None:
+        # Padding leaves the real samples unchanged: with partitionable threefry (jax's default)
+        # the noise of sample i does not depend on the batch size.
+        pad = -batch % mesh.devices.size
+        shape = (batch + pad, *shape[1:])
+        labels = np.concatenate([np.asarray(labels), np.full(pad, num_classes, np.int32)])
+        if w_rows.shape[1] > 1:
+            w_rows = np.concatenate([w_rows, np.zeros((w_rows.shape[0], pad))], axis=1)
+    if x_init is not None:
+        x_init = np.asarray(x_init, np.float32)
+        if x_init.shape != (batch, *shape[1:]):
+            raise ValueError(
+                f"x_init must have the sample shape {(batch, *shape[1:])}, got {x_init.shape}"
+            )
+        if mesh is not None:
+            x_init = np.concatenate([x_init, np.zeros((shape[0] - batch, *shape[1:]), np.float32)])
+    w_rows, eta = jnp.asarray(w_rows, jnp.float32), jnp.float32(eta)
+    args = (params, schedule, key, labels, w_rows, eta, x_init)
+    if mesh is not None:
+        args = sharding.replicate(args, mesh)
+    static = dict(
+        denoise_fn=denoise_fn,
+        shape=shape,
+        settings=settings,
+        guided=guided,
+        null_label=int(num_classes),
+        mesh=mesh,
+    )
+    return ChainCall(args, static, batch)
+
+
+def _row_weights(w, guidance_scale, num_steps: int, batch: int) -> np.ndarray:
+    """The guidance weight of every row and sample, (K, B) (or (K, 1) for one shared ``w``)."""
+    w_arr = np.asarray(w, dtype=np.float64)
+    if w_arr.ndim > 1 or (w_arr.ndim == 1 and w_arr.shape[0] != batch):
+        raise ValueError(f"w must be a number or a ({batch},) array, got shape {w_arr.shape}")
+    if not np.all(np.isfinite(w_arr)) or np.any(w_arr < 0):
+        raise ValueError(f"w must be finite and >= 0, got {w!r}")
+    scale = np.ones(num_steps) if guidance_scale is None else np.asarray(guidance_scale, float)
+    if scale.shape != (num_steps,) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
+        raise ValueError(
+            f"guidance_scale must be ({num_steps},) finite factors >= 0 (one per row of the "
+            f"schedule), got shape {scale.shape}"
+        )
+    return scale[:, None] * np.reshape(w_arr, (1, -1))
+
+
+def sample(*args, timed: bool = False, **kwargs) -> SampleResult:
+    """Draw samples: ``prepare_chain(*args, **kwargs).run()`` (arguments as
+    :func:`prepare_chain`). ``timed``: compile ahead of time and run once, the result carrying
+    its :class:`Timing` (that compiled program is not kept in the jit cache).
 
     Returns:
       A :class:`SampleResult` of float32 arrays.
     """
-    call = prepare_chain(
-        denoise_fn,
-        params,
-        schedule,
-        key,
-        shape,
-        num_classes=num_classes,
-        labels=labels,
-        w=w,
-        eta=eta,
-        x_init=x_init,
-        settings=settings,
-        mesh=mesh,
-        **overrides,
-    )
-    return call.run() if timing is None else call.timed(timing)
+    call = prepare_chain(*args, **kwargs)
+    return call.timed() if timed else call.run()

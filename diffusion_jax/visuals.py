@@ -16,6 +16,7 @@ import numpy as np
 
 from diffusion_jax import (
     checkpoints,
+    data,
     evaluation,
     generation,
     images,
@@ -23,35 +24,40 @@ from diffusion_jax import (
     interpolation,
     models,
     outputs,
+    plans,
     samplers,
 )
-from diffusion_jax.schedules import respace
+from diffusion_jax.plans import SamplingPlan
 
 logger = logging.getLogger(__name__)
 
 
-def _open(workdir: str, method: str | None, steps: int | None, spacing: str | None, settings):
-    """(config, model, params, data_shape, step, method, steps, spacing, schedule, settings),
-    resolved as ``generation.resolve_sampler`` does, for an image model."""
-    config, model, params, data_shape, step = generation.load_for_sampling(workdir)
-    if len(data_shape) != 3:
+def _open(workdir: str, plan, solver: str, steps: int | None = None):
+    """``(checkpoint, plan, schedule)`` for an image model: ``plan`` (a plan, a dict of
+    ``plans.resolve`` keywords, or None) for the checkpoint's config, ``solver`` and ``steps``
+    its defaults."""
+    ckpt = generation.load_for_sampling(workdir)
+    config = ckpt.config
+    if len(ckpt.data_shape) != 3:
         raise ValueError("morphs, inpainting and interpolations are for image data, not toy2d")
-    eta = settings.pop("eta", 0.0)
-    method, steps, spacing, settings = generation.resolve_sampler(
-        config, method, steps, spacing, **settings
+    plan = plans.for_config(config, plan, solver=solver, steps=steps)
+    schedule = plan.schedule(config.schedule, config.num_timesteps)
+    return ckpt, plan, schedule
+
+
+def _sampling(ckpt, plan: SamplingPlan, schedule) -> dict:
+    """The keywords of ``samplers.sample`` (or ``inpainting.inpaint``) that ``plan`` sets."""
+    config = ckpt.config
+    return dict(
+        num_classes=config.num_classes,
+        settings=plan.settings(config.prediction),
+        **plan.chain_options(schedule, config.num_timesteps),
     )
-    settings["eta"] = eta  # (traced, not a compile-time setting; sample() takes it)
-    schedule = respace(config.schedule, config.num_timesteps, steps, spacing)
-    return config, model, params, data_shape, step, method, steps, spacing, schedule, settings
 
 
 def _outputs(workdir, out, name, kinds, overwrite) -> dict[str, str]:
-    out = out or os.path.join(os.path.dirname(checkpoints.resolve(workdir)[0]), "samples")
-    paths = {k: os.path.join(out, f"{name}_{k}.{ext}") for k, ext in kinds.items()}
-    outputs.clean_stale(out)  # a killed earlier call's staging folder is not an output
-    outputs.check_free(paths, overwrite)
-    generation.check_writable(out)
-    return paths
+    folder = out or outputs.default_folder(workdir, "samples")
+    return outputs.prepare(outputs.named(folder, name, kinds), overwrite)
 
 
 def _check_finite(samples, what: str) -> np.ndarray:
@@ -61,54 +67,25 @@ def _check_finite(samples, what: str) -> np.ndarray:
     return samples
 
 
-def _deterministic(
-    workdir,
-    what,
-    fn,
-    arg,
-    check,
-    kinds,
-    *,
-    frames,
-    w,
-    method,
-    steps,
-    spacing,
-    seed,
-    out,
-    overwrite,
-    settings,
-):
+def _deterministic(workdir, what, fn, arg, check, kinds, plan, *, frames, seed, out, overwrite):
     """``(paths, frames)`` of ``fn`` (``interpolation.class_morph`` or ``noise_interpolation``)
-    on the checkpoint in ``workdir``, after ``check(config)`` has vetted the request."""
-    config, model, params, shape, step, method, steps, spacing, schedule, settings = _open(
-        workdir, method, steps, spacing, settings
-    )
-    if method == "ddpm":
+    on the checkpoint in ``workdir`` with ``plan`` (default solver ``dpmpp2m``), after
+    ``check(config)`` has vetted the request."""
+    ckpt, plan, schedule = _open(workdir, plan, "dpmpp2m")
+    if plan.solver == "ddpm":
         raise ValueError(f"a {what} needs a deterministic sampler (--sampler ddim or dpmpp2m)")
-    check(config)
-    w = config.guidance if w is None else w
-    tag = generation.sampler_tag(method, steps, spacing, **settings)
-    paths = _outputs(
-        workdir,
-        out,
-        f"step{step}_{kinds.pop('name')}_f{frames}_{tag}_w{w:g}_seed{seed}",
-        kinds,
-        overwrite,
-    )
+    check(ckpt.config)
+    name = f"step{ckpt.step}_{kinds.pop('name')}_f{frames}_{plan.tag()}_w{plan.w:g}_seed{seed}"
+    paths = _outputs(workdir, out, name, kinds, overwrite)
     result = fn(
-        models.denoiser(model),
-        params,
+        models.denoiser(ckpt.model),
+        ckpt.params,
         schedule,
         jax.random.PRNGKey(seed),
-        shape,
+        ckpt.data_shape,
         arg,
-        num_classes=config.num_classes,
         frames=frames,
-        w=w,
-        method=method,
-        prediction=config.prediction,
-        **settings,
+        **_sampling(ckpt, plan, schedule),
     )
     return paths, _check_finite(result.samples, f"{what} frames")
 
@@ -116,14 +93,17 @@ def _deterministic(
 def morph_to_files(
     workdir: str,
     classes,
+    plan: SamplingPlan | dict | None = None,
     *,
     frames: int = 8,
-    **kw,
+    seed: int = 0,
+    out: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """``morph_*.gif`` (the frames in turn) and ``morph_*_grid.png`` (one row per transition)
-    of ``classes`` morphing one into the next under one noise; returns {kind: path}. Keywords:
-    ``w``, ``method`` (default ``dpmpp2m``), ``steps``, ``spacing``, ``seed``, ``out``,
-    ``overwrite`` and sampler settings, as :func:`interpolate_to_files`."""
+    of ``classes`` morphing one into the next under one noise; returns {kind: path}. ``plan``
+    (a plan, a dict of ``plans.resolve`` keywords, or None; default solver ``dpmpp2m``) must be
+    deterministic."""
     classes = [int(c) for c in classes]
 
     def check(config):
@@ -135,7 +115,6 @@ def morph_to_files(
             raise ValueError(f"--frames must be >= 1 for a morph, got {frames}")
 
     kinds = {"name": f"morph{'-'.join(map(str, classes))}", "morph": "gif", "grid": "png"}
-    opts = _defaults(kw)
     paths, out = _deterministic(
         workdir,
         "morph",
@@ -143,12 +122,15 @@ def morph_to_files(
         classes,
         check,
         kinds,
+        plan,
         frames=frames,
-        **opts,
+        seed=seed,
+        out=out,
+        overwrite=overwrite,
     )
     # one row per transition, from a class to the next one inclusive
     rows = [out[i * frames : (i + 1) * frames + 1] for i in range(len(classes) - 1)]
-    with outputs.staged(paths, opts["overwrite"]) as tmp:
+    with outputs.staged(paths, overwrite) as tmp:
         images.save_gif(out[:, None], tmp["morph"], per_row=1, scale=4, frame_ms=120)
         names = [f"{a}>{b}" for a, b in zip(classes[:-1], classes[1:], strict=True)]
         images.save_rows(rows, tmp["grid"], names)
@@ -160,14 +142,16 @@ def morph_to_files(
 def interpolate_to_files(
     workdir: str,
     label: int,
+    plan: SamplingPlan | dict | None = None,
     *,
     frames: int = 8,
-    **kw,
+    seed: int = 0,
+    out: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, str]:
     """``interp_*_strip.png``: ``frames`` samples of class ``label`` from noises spherically
-    interpolated between two draws; returns {kind: path}. Keywords: ``w`` (default: the
-    config's), ``method`` (default ``dpmpp2m``; ``ddim`` also works), ``steps``, ``spacing``,
-    ``seed``, ``out``, ``overwrite`` and sampler settings (``x0``, ``eta``...)."""
+    interpolated between two draws; returns {kind: path}. ``plan`` as :func:`morph_to_files`
+    (``ddim`` also works)."""
 
     def check(config):
         if not 0 <= label < config.num_classes:
@@ -178,7 +162,6 @@ def interpolate_to_files(
             raise ValueError(f"--frames must be >= 2 for an interpolation, got {frames}")
 
     kinds = {"name": f"interp{label}", "strip": "png"}
-    opts = _defaults(kw)
     paths, strip = _deterministic(
         workdir,
         "interpolation",
@@ -186,28 +169,17 @@ def interpolate_to_files(
         label,
         check,
         kinds,
+        plan,
         frames=frames,
-        **opts,
+        seed=seed,
+        out=out,
+        overwrite=overwrite,
     )
-    with outputs.staged(paths, opts["overwrite"]) as tmp:
+    with outputs.staged(paths, overwrite) as tmp:
         images.save_rows([strip], tmp["strip"], [str(label)])
     for p in paths.values():
         logger.info(f"wrote {p}")
     return paths
-
-
-def _defaults(kw: dict) -> dict:
-    """The keywords of :func:`_deterministic`: the named ones with their defaults, the rest
-    sampler settings."""
-    named = dict(
-        w=None, method="dpmpp2m", steps=None, spacing=None, seed=0, out=None, overwrite=False
-    )
-    for k in named:
-        if k in kw:
-            named[k] = kw.pop(k)
-    if named["method"] is None:
-        named["method"] = "dpmpp2m"
-    return dict(named, settings=kw)
 
 
 def load_images(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -261,28 +233,24 @@ INPAINT_STEPS = 100
 def inpaint_to_files(
     workdir: str,
     mask: str,
+    plan: SamplingPlan | dict | None = None,
     *,
     images_path: str | None = None,
     count: int = 10,
     resample: int = 10,
-    w: float | None = None,
-    steps: int | None = None,
-    spacing: str | None = None,
     seed: int = 0,
     out: str | None = None,
     overwrite: bool = False,
-    **settings,
 ) -> dict[str, str]:
     """``inpaint_*_compare.png``: rows of original | masked | filled for ``count`` images (the
     first test images of the run's data set, or ``images_path``), filled with RePaint
-    (``resample`` repeats per step, ancestral steps), guided by their labels when known."""
-    from diffusion_jax import data
-
-    if steps is None:
-        steps = min(INPAINT_STEPS, checkpoints.read_config(workdir)[0].num_timesteps)
-    config, model, params, shape, step, _, steps, spacing, schedule, settings = _open(
-        workdir, "ddpm", steps, spacing, settings
-    )
+    (``resample`` repeats per step, ancestral steps), guided by their labels when known.
+    ``plan``: its solver must be ``ddpm`` (default: ``ddpm`` with :data:`INPAINT_STEPS` steps)."""
+    T = checkpoints.read_config(workdir)[0].num_timesteps
+    ckpt, plan, schedule = _open(workdir, plan, "ddpm", inpaint_steps(T))
+    if plan.solver != "ddpm":
+        raise ValueError("--inpaint uses ancestral steps (RePaint); drop --sampler")
+    config, shape = ckpt.config, ckpt.data_shape
     mask_arr = load_mask(mask, shape, seed)
     if images_path is None:
         dataset = data.load_dataset(config)
@@ -300,27 +268,27 @@ def inpaint_to_files(
                 samplers.check_labels(np.asarray(labels), config.num_classes, len(originals))
             except ValueError as e:
                 raise ValueError(f"--images {images_path!r}: {e}") from None
-    w = config.guidance if w is None else w
     if labels is None:
-        labels, w = None, 0.0  # nothing to guide towards
+        plan = plan.replace(w=0.0)  # nothing to guide towards
     else:
         labels = np.asarray(labels).astype(np.int32)
     mask_name = mask if mask in inpainting.MASKS else "file"
-    name = f"step{step}_inpaint_{mask_name}_r{resample}_ddpm{steps}_w{w:g}_seed{seed}"
+    name = (
+        f"step{ckpt.step}_inpaint_{mask_name}_r{resample}_ddpm{plan.steps}_w{plan.w:g}_seed{seed}"
+    )
     paths = _outputs(workdir, out, name, {"compare": "png"}, overwrite)
+    sampling = _sampling(ckpt, plan, schedule)
+    sampling.pop("eta")  # (RePaint's steps are ancestral: no eta)
     filled = inpainting.inpaint(
-        models.denoiser(model),
-        params,
+        models.denoiser(ckpt.model),
+        ckpt.params,
         schedule,
         jax.random.PRNGKey(seed),
         originals,
         mask_arr,
-        num_classes=config.num_classes,
         labels=labels,
-        w=w,
         resample=resample,
-        prediction=config.prediction,
-        **settings,
+        **sampling,
     )
     filled = _check_finite(filled, "inpainted images")
     masked = np.where(mask_arr > 0.5, originals, 0.0)  # unknown pixels shown mid-grey
@@ -331,3 +299,8 @@ def inpaint_to_files(
     for p in paths.values():
         logger.info(f"wrote {p}")
     return paths
+
+
+def inpaint_steps(num_timesteps: int) -> int:
+    """The strided ancestral steps of an inpainting when none are asked for."""
+    return min(INPAINT_STEPS, num_timesteps)

@@ -136,3 +136,49 @@ def test_compilation_cache_folder_and_off_switch(tmp_path):
     for off in ("0", "off", "OFF"):
         env = {cli.CACHE_ENV: off}
         assert cli.enable_compilation_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
+
+
+def sampling_args(*argv):
+    import argparse
+
+    from diffusion_jax.commands import flags
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--w", type=float, default=None)
+    flags.add_solver_flags(parser, "default dpmpp2m")
+    flags.add_sampler_flags(parser)
+    return flags, parser.parse_args(list(argv))
+
+
+def test_sampling_flags_become_one_plan():
+    from diffusion_jax.config import get_config
+    from diffusion_jax.plans import SamplingPlan
+
+    config = get_config("mnist")
+    flags, args = sampling_args(
+        "--solver", "ddim", "--steps", "7", "--eta", "0.5", "--x0", "threshold", "--w", "2",
+        "--guidance_interval", "100,800", "--guidance_schedule", "linear",
+    )
+    assert args.sampler == "ddim"  # --solver is --sampler's alias
+    expected = SamplingPlan(
+        "ddim", 7, eta=0.5, x0="threshold", w=2.0, guidance_interval=(100, 800),
+        guidance_schedule="linear",
+    )
+    assert flags.sampling_plan(args, config) == expected
+    # the command's default solver, then the config's guidance and the solver's own grid
+    _, args = sampling_args("--timesteps", "999,500,0")
+    plan = flags.sampling_plan(args, config, solver="dpmpp2m")
+    assert (plan.solver, plan.timesteps, plan.steps, plan.w) == (
+        "dpmpp2m", (999, 500, 0), 3, config.guidance,
+    )
+    for argv, match in [
+        (("--timesteps", "999,0", "--steps", "2"), "drop --steps"),
+        (("--guidance_interval", "1,2,3"), "LO,HI"),
+        (("--guidance_interval", "800,100"), "LO <= HI"),
+        (("--eta", "2"), r"--eta must be a finite number in \[0, 1\]"),
+        (("--timesteps", "0,999"), "decreasing"),
+        (("--guidance_interval", "0,1000"), "HI <= 999"),
+    ]:
+        _, args = sampling_args(*argv)
+        with pytest.raises(ValueError, match=match):
+            flags.sampling_plan(args, config)

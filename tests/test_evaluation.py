@@ -386,9 +386,11 @@ def test_help_shows_each_default(capsys):
 
 
 def test_network_calls_of_the_default_sweep():
-    spec = evaluation.SamplerSpec
-    runs = [(spec("ddim", 50), w) for w in (0, 0.5, 1, 2, 4)]
-    runs += [(s, 1.0) for s in evaluation.parse_samplers("ddpm,ddim:50,dpmpp2m:10", 1000)]
+    from diffusion_jax.plans import SamplingPlan
+
+    runs = [SamplingPlan("ddim", 50, w=w) for w in (0, 0.5, 1, 2, 4)]
+    specs = evaluation.parse_samplers("ddpm,ddim:50,dpmpp2m:10", 1000)
+    runs += [SamplingPlan(s.solver, s.steps, w=1.0) for s in specs]
     runs = list(dict.fromkeys(runs))  # (ddim:50, w=1) once, as in the sweep
     assert evaluation.network_calls(runs, 1000, 1000) == 250 + 1000 + 10
     assert evaluation.network_calls(runs, 1001, 1000) == 2 * 1260

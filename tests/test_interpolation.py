@@ -19,8 +19,8 @@ def setup():
     return params, respace("cosine", T, 20)
 
 
-@pytest.mark.parametrize("method, w", [("ddim", 0.0), ("dpmpp2m", 1.5)])
-def test_morph_ends_are_plain_samples_of_those_classes(setup, method, w):
+@pytest.mark.parametrize("solver, w", [("ddim", 0.0), ("dpmpp2m", 1.5)])
+def test_morph_ends_are_plain_samples_of_those_classes(setup, solver, w):
     params, sched = setup
     key = jax.random.PRNGKey(4)
     out = interpolation.class_morph(
@@ -33,7 +33,7 @@ def test_morph_ends_are_plain_samples_of_those_classes(setup, method, w):
         num_classes=3,
         frames=5,
         w=w,
-        method=method,
+        solver=solver,
         clip=None,
     ).samples
     assert out.shape == (11, 2)
@@ -50,7 +50,7 @@ def test_morph_ends_are_plain_samples_of_those_classes(setup, method, w):
             labels=np.array([label]),
             w=w,
             x_init=noise,
-            method=method,
+            solver=solver,
             clip=None,
         ).samples
         np.testing.assert_allclose(out[index], plain[0], atol=1e-6)
@@ -71,7 +71,7 @@ def test_morph_frames_change_smoothly(setup):
             [0, 1],
             num_classes=3,
             frames=24,
-            method="ddim",
+            solver="ddim",
             clip=None,
         ).samples
     )
@@ -113,7 +113,7 @@ def test_noise_interpolation_ends(setup):
         1,
         num_classes=3,
         frames=4,
-        method="ddim",
+        solver="ddim",
         clip=None,
     ).samples
     k0, k1, key_chain = jax.random.split(key, 3)
@@ -127,7 +127,7 @@ def test_noise_interpolation_ends(setup):
             num_classes=3,
             labels=np.array([1]),
             x_init=jax.random.normal(k, (1, 2)),
-            method="ddim",
+            solver="ddim",
             clip=None,
         ).samples
         np.testing.assert_allclose(out[index], plain[0], atol=1e-5)

@@ -11,11 +11,13 @@ PRETRAINED = os.path.join(os.path.dirname(__file__), "..", "pretrained", "mnist5
 
 
 def test_shipped_checkpoint_samples():
-    config, model, params, shape, step = generation.load_for_sampling(PRETRAINED)
+    ckpt = generation.load_for_sampling(PRETRAINED)
+    config, model, params, shape, step = ckpt  # (a Checkpoint named tuple)
+    assert ckpt.params is params and ckpt.data_shape == shape
     assert (step, shape, config.dataset) == (11000, (28, 28, 1), "mnist5k")
     assert (config.patch_size, config.prediction) == (2, "eps")
     out = generation.generate(
-        config, model, params, shape, np.array([3, 7]), jax.random.PRNGKey(0), steps=2
+        config, model, params, shape, np.array([3, 7]), jax.random.PRNGKey(0), dict(steps=2)
     )
     x = np.asarray(out.samples)
     assert x.shape == (2, 28, 28, 1) and np.all(np.isfinite(x))

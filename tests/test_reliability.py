@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import TINY
 
-from diffusion_jax import checkpoints, classifier, generation, images, training
+from diffusion_jax import checkpoints, classifier, generation, images, outputs, training
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.commands import sample as sample_script
 
@@ -93,7 +93,7 @@ def test_a_failed_write_leaves_no_file_and_the_rerun_works(straight_run, tmp_pat
     real_save_gif = images.save_gif
 
     def full_disk(snapshots, path, per_row, **kw):
-        with images.written(path) as tmp:
+        with outputs.written(path) as tmp:
             open(tmp, "wb").write(b"GIF89a partial")
             raise OSError(errno.ENOSPC, "No space left on device", path)
 
@@ -113,7 +113,7 @@ def test_written_replaces_only_on_success(tmp_path):
     images.save_npz(str(path), np.zeros((2, 4, 4, 1)), [0, 1])
     before = path.read_bytes()
     with pytest.raises(RuntimeError):
-        with images.written(str(path)) as tmp:
+        with outputs.written(str(path)) as tmp:
             open(tmp, "wb").write(b"half")
             raise RuntimeError("crash")
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["a.npz"]

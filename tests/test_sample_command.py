@@ -23,7 +23,7 @@ def toy_run(tmp_path_factory):
 def test_toy2d_reference_chain_places_all_steps_under_dpmpp2m(toy_run, tmp_path):
     # dpmpp2m's logsnr spacing places at most T-1 of T=20 cosine steps: the full-length
     # reference chain used to inherit it and fail with "num_steps must be in [1, 19]"
-    paths = generation.sample_to_files(toy_run, per_class=4, method="dpmpp2m", steps=3,
+    paths = generation.sample_to_files(toy_run, dict(solver="dpmpp2m", steps=3), per_class=4,
                                        out=str(tmp_path))
     assert sorted(paths) == ["samples", "toy2d"]
     assert np.load(paths["samples"])["samples"].shape == (20, 2)
@@ -59,13 +59,13 @@ def test_eta_outside_0_1_is_refused_before_the_checkpoint(tmp_path, capsys):
 def test_nonfinite_samples_name_the_unusual_settings():
     from diffusion_jax.config import get_config
 
+    from diffusion_jax import plans
+
     config = get_config("tiny")
-    said = generation._nonfinite_causes(config, 50.0, "ddim", 50, "uniform", 0.5, {})
-    assert "--w 50" in said and "--eta 0.5" in said
-    default = generation._nonfinite_causes(
-        config, config.guidance, config.sampler, config.sample_steps,
-        __import__("diffusion_jax").solvers.get(config.sampler).spacing, 0.0, {})
-    assert default == ""
+    unusual = plans.resolve(config, solver="ddim", steps=10, w=50.0, eta=0.5, x0="none")
+    said = generation._nonfinite_causes(config, unusual)
+    assert "--w 50" in said and "--eta 0.5" in said and "--x0 none" in said
+    assert generation._nonfinite_causes(config, plans.resolve(config)) == ""
 
 
 def test_per_class_100_grid_wraps_and_gif_shows_ten_per_class(tmp_path):
@@ -98,7 +98,7 @@ jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 from diffusion_jax import generation
-generation.sample_to_files(sys.argv[1], per_class=2, steps=4, out=sys.argv[3], overwrite=True)
+generation.sample_to_files(sys.argv[1], dict(steps=4), per_class=2, out=sys.argv[3], overwrite=True)
 """
 
 
@@ -126,7 +126,7 @@ def dying(*a, **k):  # the plot is written; die while the .npz is being written
     save_npz(*a, **k)
     os.kill(os.getpid(), getattr(signal, sys.argv[3]))
 images.save_npz = dying
-generation.sample_to_files(sys.argv[1], per_class=2, steps=4, out=sys.argv[2])
+generation.sample_to_files(sys.argv[1], dict(steps=4), per_class=2, out=sys.argv[2])
 """
 
 
@@ -142,15 +142,15 @@ def test_a_killed_sample_call_leaves_nothing_and_the_rerun_works(toy_run, tmp_pa
     assert done.returncode != 0
     visible = [n for n in os.listdir(out) if not n.startswith(".")]
     assert visible == []  # neither the plot nor the .npz
-    paths = generation.sample_to_files(toy_run, per_class=2, steps=4, out=out)  # no --overwrite
+    paths = generation.sample_to_files(toy_run, dict(steps=4), per_class=2, out=out)  # no --overwrite
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths.values())
 
 
 def test_an_incomplete_older_set_is_named(toy_run, tmp_path):
-    paths = generation.sample_to_files(toy_run, per_class=2, steps=4, out=str(tmp_path))
+    paths = generation.sample_to_files(toy_run, dict(steps=4), per_class=2, out=str(tmp_path))
     os.remove(paths["samples"])
     with pytest.raises(FileExistsError, match="incomplete set"):
-        generation.sample_to_files(toy_run, per_class=2, steps=4, out=str(tmp_path))
+        generation.sample_to_files(toy_run, dict(steps=4), per_class=2, out=str(tmp_path))
 
 
 def test_samples_are_drawn_in_bounded_chunks(toy_run, tmp_path):
@@ -159,13 +159,14 @@ def test_samples_are_drawn_in_bounded_chunks(toy_run, tmp_path):
     chunk padded without changing its samples, and the snapshots kept only where asked."""
     import jax
 
-    config, model, params, shape, _ = generation.load_for_sampling(toy_run)
+    ckpt = generation.load_for_sampling(toy_run)
+    config = ckpt.config
     labels = np.repeat(np.arange(config.num_classes), 10)[:20]
     key = jax.random.PRNGKey(3)
-    kw = dict(method="ddim", steps=3, w=0.5)
+    plan = dict(solver="ddim", steps=3, w=0.5)
 
     def draw(part, k, **extra):
-        return generation.generate(config, model, params, shape, part, k, **kw, **extra)
+        return generation.generate(*ckpt[:4], part, k, plan, **extra)
 
     whole = draw(labels, key, batch_size=7, num_snapshots=2, snapshot_rows=[0, 8, 19])
     assert whole.samples.shape == (20, 2) and whole.snapshots.shape == (2, 3, 2)
@@ -180,9 +181,24 @@ def test_samples_are_drawn_in_bounded_chunks(toy_run, tmp_path):
     with pytest.raises(ValueError, match="--batch_size"):
         generation.sample_to_files(toy_run, per_class=2, batch_size=0, out=str(tmp_path))
 
-    paths = generation.sample_to_files(toy_run, per_class=3, batch_size=4, method="ddim",
-                                       steps=3, out=str(tmp_path))
+    paths = generation.sample_to_files(toy_run, dict(solver="ddim", steps=3), per_class=3,
+                                       batch_size=4, out=str(tmp_path))
     assert "_batch4_" in os.path.basename(paths["samples"])
     saved = np.load(paths["samples"])
     assert saved["samples"].shape == (3 * config.num_classes, 2)
     np.testing.assert_array_equal(saved["labels"], np.repeat(np.arange(config.num_classes), 3))
+
+
+def test_explicit_timesteps_and_guidance_flags_reach_the_files(toy_run, tmp_path, capsys):
+    argv = ["--workdir", toy_run, "--out", str(tmp_path), "--per_class", "2", "--solver", "ddim",
+            "--timesteps", "19,10,0", "--guidance_interval", "0,10",
+            "--guidance_schedule", "linear"]
+    assert sample.main(argv) == 0
+    npz = [f for f in os.listdir(tmp_path) if f.endswith("_samples.npz")]
+    assert len(npz) == 1 and "ddim3_t19-10-0_gi0,10_glinear_w" in npz[0], npz
+    # the same grid by steps and spacing gives the same samples (uniform: 19, 10, 0 of T = 20)
+    same = generation.sample_to_files(toy_run, dict(solver="ddim", steps=3,
+                                      guidance_interval=(0, 10), guidance_schedule="linear"),
+                                      per_class=2, out=str(tmp_path / "by_steps"))
+    np.testing.assert_array_equal(np.load(tmp_path / npz[0])["samples"],
+                                  np.load(same["samples"])["samples"])

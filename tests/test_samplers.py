@@ -20,7 +20,7 @@ from exact import (
     mixture_params,
 )
 
-from diffusion_jax import diffusion, samplers, schedules
+from diffusion_jax import diffusion, guidance, samplers, schedules, solvers
 from diffusion_jax.samplers import sample
 from diffusion_jax.schedules import make_schedule, respace, respaced_timesteps
 
@@ -36,7 +36,7 @@ def moments_ok(x, mean, var, sigmas=5.0):
     assert np.all(np.abs(x.var(0) - var) < sigmas * var * np.sqrt(2 / n)), (x.var(0), var)
 
 
-CASES = [  # (method, steps, variance, eta)
+CASES = [  # (solver, steps, variance, eta)
     ("ddpm", 100, "small", 0.0),
     ("ddpm", 100, "large", 0.0),
     ("ddpm", 10, "small", 0.0),  # strided ancestral
@@ -46,8 +46,8 @@ CASES = [  # (method, steps, variance, eta)
 ]
 
 
-@pytest.mark.parametrize("method, steps, variance, eta", CASES)
-def test_gaussian_matches_exact_chain(method, steps, variance, eta):
+@pytest.mark.parametrize("solver, steps, variance, eta", CASES)
+def test_gaussian_matches_exact_chain(solver, steps, variance, eta):
     T = 100
     params = mixture_params(MU[None], STD, [1.0], make_schedule("linear", T).alpha_bar)
     sched = respace("linear", T, steps)
@@ -59,17 +59,17 @@ def test_gaussian_matches_exact_chain(method, steps, variance, eta):
         (N, 2),
         num_classes=1,
         labels=np.zeros(N, np.int32),
-        method=method,
+        solver=solver,
         variance=variance,
         eta=eta,
         clip=None,
     )
-    mean, var = gaussian_chain_moments(sched.alpha_bar, MU, STD, method, variance, eta)
+    mean, var = gaussian_chain_moments(sched.alpha_bar, MU, STD, solver, variance, eta)
     moments_ok(out.samples, mean, var)
 
 
-@pytest.mark.parametrize("method, steps", [("ddpm", 1000), ("ddim", 1000), ("ddim", 250)])
-def test_long_chain_reproduces_the_gaussian(method, steps):
+@pytest.mark.parametrize("solver, steps", [("ddpm", 1000), ("ddim", 1000), ("ddim", 250)])
+def test_long_chain_reproduces_the_gaussian(solver, steps):
     T = 1000
     params = mixture_params(MU[None], STD, [1.0], make_schedule("cosine", T).alpha_bar)
     out = sample(
@@ -80,7 +80,7 @@ def test_long_chain_reproduces_the_gaussian(method, steps):
         (N, 2),
         num_classes=1,
         labels=np.zeros(N, np.int32),
-        method=method,
+        solver=solver,
         clip=None,
     )
     x = np.asarray(out.samples, np.float64)
@@ -99,12 +99,12 @@ def mixture():
     return T, mixture_params(MEANS, MIX_STD, WEIGHTS, make_schedule("cosine", T).alpha_bar)
 
 
-@pytest.mark.parametrize("method, steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 50)])
-def test_mixture_conditional_and_unconditional(mixture, method, steps):
+@pytest.mark.parametrize("solver, steps", [("ddpm", 1000), ("ddpm", 100), ("ddim", 50)])
+def test_mixture_conditional_and_unconditional(mixture, solver, steps):
     T, params = mixture
     sched = respace("cosine", T, steps)
     labels = np.arange(N) % 3
-    kw = dict(num_classes=3, method=method, clip=None)
+    kw = dict(num_classes=3, solver=solver, clip=None)
     cond = np.asarray(
         sample(
             mixture_eps, params, sched, jax.random.PRNGKey(2), (N, 2), labels=labels, **kw
@@ -114,7 +114,7 @@ def test_mixture_conditional_and_unconditional(mixture, method, steps):
     for c in range(3):
         # each class is a Gaussian, so its samples follow the exact chain's moments ...
         xc = cond[labels == c]
-        moments_ok(xc, *gaussian_chain_moments(sched.alpha_bar, MEANS[c], MIX_STD, method))
+        moments_ok(xc, *gaussian_chain_moments(sched.alpha_bar, MEANS[c], MIX_STD, solver))
         # ... and their mean is the class mean
         assert np.all(np.abs(xc.mean(0) - MEANS[c]) < 5 * MIX_STD / np.sqrt(len(xc)) + 2e-3)
     uncond = np.asarray(
@@ -136,8 +136,8 @@ def counting_denoiser(batches):
     return fn
 
 
-@pytest.mark.parametrize("method", ["ddpm", "ddim", "dpmpp2m"])
-def test_no_unconditional_pass_at_w0(method):
+@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+def test_no_unconditional_pass_at_w0(solver):
     """One denoiser call per step: on the batch at w = 0, on the doubled batch with guidance."""
     sched = respace("cosine", 50, 5)
     for w, expected in [(0.0, [8]), (1.5, [16])]:
@@ -151,7 +151,7 @@ def test_no_unconditional_pass_at_w0(method):
             num_classes=3,
             labels=np.zeros(8, np.int32),
             w=w,
-            method=method,
+            solver=solver,
         )
         # one call per step, traced once inside lax.scan
         assert batches == expected, (w, batches)
@@ -163,10 +163,10 @@ def test_guidance_combination():
 
     x = jnp.zeros((3, 2))
     labels = jnp.array([0, 2, 4])
-    out = samplers.guided_output(fn, None, x, jnp.zeros(3, jnp.int32), labels, 0.5, 5, True)
+    out = guidance.guided_output(fn, None, x, jnp.zeros(3, jnp.int32), labels, 0.5, 5, True)
     np.testing.assert_allclose(out[:, 0], 1.5 * np.array([0, 2, 4]) - 0.5 * 5)
     per_sample_w = jnp.array([0.0, 1.0, 2.0])
-    out = samplers.guided_output(
+    out = guidance.guided_output(
         fn, None, x, jnp.zeros(3, jnp.int32), labels, per_sample_w, 5, True
     )
     np.testing.assert_allclose(out[:, 0], [0.0, 2 * 2 - 5, 3 * 4 - 2 * 5])
@@ -189,7 +189,7 @@ def test_guidance_sharpens_classes(mixture):
                 num_classes=3,
                 labels=labels,
                 w=w,
-                method="ddim",
+                solver="ddim",
                 clip=None,
             ).samples
         )
@@ -200,7 +200,7 @@ def test_guidance_sharpens_classes(mixture):
 def test_determinism_and_snapshots(mixture):
     T, params = mixture
     sched = respace("cosine", T, 20)
-    kw = dict(num_classes=3, labels=np.arange(16) % 3, method="ddpm", num_snapshots=5, clip=None)
+    kw = dict(num_classes=3, labels=np.arange(16) % 3, solver="ddpm", num_snapshots=5, clip=None)
     a = sample(mixture_eps, params, sched, jax.random.PRNGKey(7), (16, 2), **kw)
     b = sample(mixture_eps, params, sched, jax.random.PRNGKey(7), (16, 2), **kw)
     c = sample(mixture_eps, params, sched, jax.random.PRNGKey(8), (16, 2), **kw)
@@ -222,14 +222,14 @@ def test_determinism_and_snapshots(mixture):
     np.testing.assert_array_equal(one.snapshots[0], a.samples)  # a single frame is the result
 
 
-@pytest.mark.parametrize("method, w", [("ddpm", 0.0), ("ddim", 2.0), ("dpmpp2m", 2.0)])
-def test_python_loop_and_unroll_match_the_scan(mixture, method, w):
+@pytest.mark.parametrize("solver, w", [("ddpm", 0.0)] + [(s, 2.0) for s in solvers.SOLVERS])
+def test_python_loop_and_unroll_match_the_scan(mixture, solver, w):
     """The benchmark's baselines compute the same chain: a Python loop over the jitted step, and
     the scan at another unroll factor."""
     T, params = mixture
     sched = respace("cosine", T, 12)
     labels = np.arange(16) % 3
-    kw = dict(num_classes=3, labels=labels, w=w, method=method, eta=0.5, clip=None)
+    kw = dict(num_classes=3, labels=labels, w=w, solver=solver, eta=0.5, clip=None)
     scan = sample(mixture_eps, params, sched, jax.random.PRNGKey(5), (16, 2), **kw).samples
     unrolled = sample(
         mixture_eps, params, sched, jax.random.PRNGKey(5), (16, 2), unroll=4, **kw
@@ -244,7 +244,7 @@ def test_python_loop_and_unroll_match_the_scan(mixture, method, w):
 @pytest.mark.parametrize(
     "kw, match",
     [
-        (dict(method="euler"), "method must be one of"),
+        (dict(solver="euler"), "must be one of the registered"),
         (dict(threshold=1.5), "threshold is a quantile"),
         (dict(threshold=float("nan")), "threshold is a quantile"),
         (dict(clip=(1.0, -1.0)), "clip must be"),
@@ -275,9 +275,9 @@ def gaussian_setup(T, schedule="cosine"):
     return mixture_params(MU[None], STD, [1.0], make_schedule(schedule, T).alpha_bar)
 
 
-def run_chain(params, sched, method, n=N, key=0, **kw):
+def run_chain(params, sched, solver, n=N, key=0, **kw):
     """Samples and the starting noise x_T (float64) of a chain on the 2-D Gaussian."""
-    kw = dict(num_classes=1, labels=np.zeros(n, np.int32), method=method, clip=None, **kw)
+    kw = dict(num_classes=1, labels=np.zeros(n, np.int32), solver=solver, clip=None, **kw)
     out = sample(mixture_eps, params, sched, jax.random.PRNGKey(key), (n, 2), **kw)
     x_start, _ = samplers.initial_noise(jax.random.PRNGKey(key), (n, 2))
     return out, np.asarray(x_start, np.float64)
@@ -313,17 +313,15 @@ def affine_moments(samples, x_start):
 @pytest.mark.parametrize("steps", [10, 20])
 def test_dpmpp2m_closer_to_the_data_than_ddim(steps):
     """Each on the spacing it is registered with (DDIM uniform in t, DPM-Solver++ its own)."""
-    from diffusion_jax import solvers
-
     T = 1000
     params = gaussian_setup(T)
     errors = {}
-    for method in ("ddim", "dpmpp2m"):
-        sched = respace("cosine", T, steps, solvers.get(method).spacing)
-        out, x_start = run_chain(params, sched, method, n=512)
+    for solver in ("ddim", "dpmpp2m"):
+        sched = respace("cosine", T, steps, solvers.get(solver).spacing)
+        out, x_start = run_chain(params, sched, solver, n=512)
         mean, var = affine_moments(out.samples, x_start)
-        errors[method] = np.max(np.abs(mean - MU)) / STD + np.max(np.abs(var / STD**2 - 1))
-        if method == "ddim":  # the fit agrees with DDIM's own float64 moment propagation
+        errors[solver] = np.max(np.abs(mean - MU)) / STD + np.max(np.abs(var / STD**2 - 1))
+        if solver == "ddim":  # the fit agrees with DDIM's own float64 moment propagation
             exact = gaussian_chain_moments(sched.alpha_bar, MU, STD, "ddim")
             np.testing.assert_allclose((mean, var), exact, rtol=1e-3, atol=1e-4)
     assert errors["dpmpp2m"] < 0.5 * errors["ddim"], errors
@@ -339,12 +337,12 @@ def lambda_uniform_chain(steps, T=1025):
     return alpha_bar, schedules._schedule(keep, alpha_bar[keep], alpha_bar)
 
 
-def global_error(method, steps):
+def global_error(solver, steps):
     """Mean |x - exact ODE solution| at row 0 (the last noise level, before the final jump to
     the data) for the 2-D Gaussian."""
     alpha_bar, sched = lambda_uniform_chain(steps)
     params = mixture_params(MU[None], STD, [1.0], alpha_bar)
-    out, x_start = run_chain(params, sched, method, n=256, num_snapshots=steps + 1)
+    out, x_start = run_chain(params, sched, solver, n=256, num_snapshots=steps + 1)
     abar = np.asarray(sched.alpha_bar, np.float64)
     exact = gaussian_flow(x_start, abar[-1], abar[0], MU, STD)
     return np.mean(np.abs(np.asarray(out.snapshots[-2], np.float64) - exact))
@@ -357,9 +355,9 @@ def test_global_error_orders():
     # 1.4, 3.5, 3.9, 4.0 from 9 to 129 steps)
     steps = np.array([17, 33, 65, 129])
     slopes = {}
-    for method in ("ddim", "dpmpp2m"):
-        errors = np.array([global_error(method, int(k)) for k in steps])
-        slopes[method] = np.polyfit(np.log(steps - 1.0), np.log(errors), 1)[0]
+    for solver in ("ddim", "dpmpp2m"):
+        errors = np.array([global_error(solver, int(k)) for k in steps])
+        slopes[solver] = np.polyfit(np.log(steps - 1.0), np.log(errors), 1)[0]
     assert -2.2 < slopes["dpmpp2m"] < -1.8, slopes
     assert -1.2 < slopes["ddim"] < -0.8, slopes
 
@@ -377,7 +375,7 @@ def test_dpmpp2m_with_every_prediction_type(prediction):
         x0 = diffusion.x0_from_eps(full, x, t, eps)
         return diffusion.target(full, prediction, x0, x, t, eps)
 
-    kw = dict(num_classes=1, labels=np.zeros(64, np.int32), method="dpmpp2m", clip=None, w=1.0)
+    kw = dict(num_classes=1, labels=np.zeros(64, np.int32), solver="dpmpp2m", clip=None, w=1.0)
     ref = sample(mixture_eps, params, sched, jax.random.PRNGKey(3), (64, 2), **kw).samples
     out = sample(
         as_prediction, params, sched, jax.random.PRNGKey(3), (64, 2), prediction=prediction, **kw
@@ -395,21 +393,21 @@ def test_dynamic_threshold_reaches_the_samples():
 
     sched = respace("cosine", 50, 5)
     kw = dict(num_classes=1, labels=np.zeros(2, np.int32), prediction="x0")
-    for method in ("ddim", "dpmpp2m"):
-        clipped = sample(fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), method=method, **kw)
+    for solver in solvers.SOLVERS:  # every solver's last step, into the data, is x0_hat
+        clipped = sample(fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), solver=solver, **kw)
         dynamic = sample(
-            fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), method=method, threshold=1.0, **kw
+            fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), solver=solver, threshold=1.0, **kw
         )
         np.testing.assert_allclose(clipped.samples, np.clip(target, -1, 1), atol=1e-6)
         s = np.maximum(np.quantile(np.abs(target.astype(np.float64)), 1.0, axis=1), 1.0)
         np.testing.assert_allclose(dynamic.samples, target / s[:, None], atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["ddim", "dpmpp2m"])
-def test_w_eta_labels_and_key_do_not_recompile(mixture, method):
+@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+def test_w_eta_labels_and_key_do_not_recompile(mixture, solver):
     T, params = mixture
     sched = respace("cosine", T, 10)
-    kw = dict(num_classes=3, method=method)
+    kw = dict(num_classes=3, solver=solver)
     sample(
         mixture_eps,
         params,
@@ -429,9 +427,10 @@ def test_w_eta_labels_and_key_do_not_recompile(mixture, method):
 
 
 def test_registry_drives_the_choices():
-    from diffusion_jax import solvers
-
-    assert samplers.METHODS == tuple(solvers.SOLVERS) == ("ddpm", "ddim", "dpmpp2m")
+    assert samplers.SOLVERS == tuple(solvers.SOLVERS)
+    assert {"ddpm", "ddim", "dpmpp2m"} <= set(solvers.SOLVERS)
+    for name, solver in solvers.SOLVERS.items():  # settings keep the object, found by name
+        assert samplers.SamplerSettings(solver=name).solver is solver
     assert solvers.default_steps("ddpm", 1000) == 1000
     assert solvers.default_steps("dpmpp2m", 1000) == 20
     assert solvers.default_steps("dpmpp2m", 8) == 8
@@ -444,7 +443,6 @@ def test_registry_drives_the_choices():
 
 
 def test_timing_reports_compile_and_sampling_seconds():
-    timing = {}
     out = sample(
         mixture_eps,
         mixture_params(MU[None], STD, [1.0], make_schedule("cosine", 50).alpha_bar),
@@ -452,8 +450,9 @@ def test_timing_reports_compile_and_sampling_seconds():
         jax.random.PRNGKey(0),
         (8, 2),
         num_classes=1,
-        method="dpmpp2m",
-        timing=timing,
+        solver="dpmpp2m",
+        timed=True,
     )
     assert out.samples.shape == (8, 2)
-    assert 0 < timing["compile_s"] < 300 and 0 < timing["sample_s"] < 300, timing
+    timing = out.timing
+    assert 0 < timing.compile_s < 300 and 0 < timing.sample_s < 300, timing

@@ -15,6 +15,7 @@ import argparse
 import os
 
 from diffusion_jax import cli
+from diffusion_jax.commands import errors, flags
 
 
 class _DefaultsFormatter(argparse.RawDescriptionHelpFormatter):
@@ -69,14 +70,14 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     parser.add_argument("--out", default=None, help="output folder (default: WORKDIR/eval)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
-    cli.add_sampler_flags(parser)
+    flags.add_sampler_flags(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
 
-    from diffusion_jax import checkpoints, evaluation
+    from diffusion_jax import checkpoints, evaluation, plans
     from diffusion_jax import config as config_lib
 
-    with cli.clean_errors(prog):
+    with errors.clean_errors(prog):
         # every number is checked before any checkpoint, data or classifier is read
         ws = [
             config_lib.check_float("--w", w, 0.0)
@@ -91,6 +92,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
             config_lib.check_int(
                 "--classifier_epochs", args.classifier_epochs, 1, config_lib.INT_MAX
             )
+        options = flags.plan_options(args)
         if args.npz:
             config, _ = checkpoints.read_config(args.workdir)
             row = evaluation.evaluate_npz(
@@ -106,12 +108,16 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         out = args.out or os.path.join(
             os.path.dirname(checkpoints.resolve(args.workdir)[0]), "eval"
         )
+        guidance = evaluation.parse_samplers(args.guidance_sampler, T)[0]
+        steps_w = config.guidance if args.steps_w is None else args.steps_w
+
+        def plan(spec, w):  # each run's plan, resolved once
+            return plans.resolve(config, solver=spec.solver, steps=spec.steps, w=w, **options)
+
         evaluation.sweep(
             args.workdir,
-            ws=ws,
-            sampler_specs=evaluation.parse_samplers(args.samplers, T),
-            guidance_spec=evaluation.parse_samplers(args.guidance_sampler, T)[0],
-            steps_w=config.guidance if args.steps_w is None else args.steps_w,
+            [plan(guidance, w) for w in ws],
+            [plan(spec, steps_w) for spec in evaluation.parse_samplers(args.samplers, T)],
             per_class=args.per_class,
             seed=args.seed,
             out=out,
@@ -120,7 +126,6 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-            **cli.sampler_options(args),
         )
     return 0
 

@@ -14,11 +14,10 @@ Labels are 0..9; 10 means unconditional. Existing outputs are kept unless --over
 from __future__ import annotations
 
 from diffusion_jax import cli
+from diffusion_jax.commands import errors, flags
 
 
 def main(argv=None, prog: str = "sample.py") -> int:
-    from diffusion_jax.solvers import METHODS, RECOMMENDED
-
     parser = cli.command_parser(prog, __doc__)
     parser.add_argument(
         "--workdir",
@@ -38,19 +37,10 @@ def main(argv=None, prog: str = "sample.py") -> int:
         help="samples per class (default 8; 400 for 2-D data)",
     )
     parser.add_argument("--w", type=float, default=None, help="guidance weight (default: config)")
-    parser.add_argument(
-        "--sampler",
-        choices=METHODS,
-        default=None,
-        help="the update rule (default dpmpp2m, 20 steps: DDIM-50's quality in 20 network "
-        "calls, docs/RESULTS.md)",
-    )
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="sampling steps = network calls, 1..T (default: 20 for dpmpp2m, 50 for ddim, T "
-        "for ddpm; the config's sample_steps if it names that sampler)",
+    flags.add_solver_flags(
+        parser,
+        "default dpmpp2m, 20 steps: DDIM-50's quality in 20 network calls, docs/RESULTS.md; "
+        "ddpm for --inpaint",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -101,7 +91,7 @@ def main(argv=None, prog: str = "sample.py") -> int:
     parser.add_argument(
         "--resample", type=int, default=10, help="with --inpaint: RePaint repeats per step"
     )
-    cli.add_sampler_flags(parser)
+    flags.add_sampler_flags(parser)
     args = parser.parse_args(argv)
     # flags the chosen mode would ignore are usage errors, before any checkpoint is read
     if args.morph is not None:
@@ -113,51 +103,42 @@ def main(argv=None, prog: str = "sample.py") -> int:
         parser.error("--images is only read with --inpaint MASK; add --inpaint or drop --images")
     cli.setup_logging()
 
+    from diffusion_jax import checkpoints, generation, visuals
     from diffusion_jax import config as config_lib
-    from diffusion_jax import generation
+    from diffusion_jax.solvers import RECOMMENDED
 
-    with cli.clean_errors(prog):
+    with errors.clean_errors(prog):
         # the numbers that need no checkpoint are checked before one is read
         if args.w is not None:
             config_lib.check_float("--w", args.w, 0.0)
         config_lib.check_seed(args.seed, "--seed")
-        # DDIM's eta above 1 asks for more noise than the posterior has (1 = ancestral's)
-        config_lib.check_float("--eta", args.eta, 0.0, 1.0, high_open=False)
+        flags.plan_options(args)
         if args.per_class is not None:
             config_lib.check_int("--per_class", args.per_class, 1, config_lib.INT_MAX)
         if args.batch_size is not None:
             if args.morph is not None or args.interpolate is not None or args.inpaint is not None:
                 raise ValueError("--batch_size applies to plain sampling only; drop it")
             config_lib.check_int("--batch_size", args.batch_size, 1, config_lib.INT_MAX)
-        common = dict(
-            w=args.w,
-            steps=args.steps,
-            seed=args.seed,
-            out=args.out,
-            overwrite=args.overwrite,
-            **cli.sampler_options(args),
-        )
+        if args.inpaint is not None and args.sampler not in (None, "ddpm"):
+            raise ValueError("--inpaint uses ancestral steps (RePaint); drop --sampler")
+        config = checkpoints.read_config(args.workdir)[0]
+        common = dict(seed=args.seed, out=args.out, overwrite=args.overwrite)
         if args.morph is not None or args.interpolate is not None:
-            from diffusion_jax import visuals
-
-            kw = dict(
-                common,
-                method=args.sampler or "dpmpp2m",
-                frames=8 if args.frames is None else args.frames,
-            )
+            plan = flags.sampling_plan(args, config, solver="dpmpp2m")
+            frames = 8 if args.frames is None else args.frames
             if args.morph is not None:
-                visuals.morph_to_files(args.workdir, args.morph, **kw)
+                visuals.morph_to_files(args.workdir, args.morph, plan, frames=frames, **common)
             else:
-                visuals.interpolate_to_files(args.workdir, args.interpolate, **kw)
+                visuals.interpolate_to_files(
+                    args.workdir, args.interpolate, plan, frames=frames, **common
+                )
             return 0
         if args.inpaint is not None:
-            from diffusion_jax import visuals
-
-            if args.sampler not in (None, "ddpm"):
-                raise ValueError("--inpaint uses ancestral steps (RePaint); drop --sampler")
+            steps = visuals.inpaint_steps(config.num_timesteps)
             visuals.inpaint_to_files(
                 args.workdir,
                 args.inpaint,
+                flags.sampling_plan(args, config, solver="ddpm", steps=steps),
                 images_path=args.images,
                 count=10 if args.per_class is None else args.per_class,
                 resample=args.resample,
@@ -166,17 +147,12 @@ def main(argv=None, prog: str = "sample.py") -> int:
             return 0
         generation.sample_to_files(
             args.workdir,
+            flags.sampling_plan(args, config, solver=RECOMMENDED),
             labels=args.labels,
             per_class=args.per_class,
-            w=args.w,
-            method=args.sampler or RECOMMENDED,
-            steps=args.steps,
-            seed=args.seed,
             frames=20 if args.frames is None else args.frames,
-            out=args.out,
-            overwrite=args.overwrite,
             batch_size=args.batch_size or generation.BATCH_SIZE,
-            **cli.sampler_options(args),
+            **common,
         )
     return 0
 

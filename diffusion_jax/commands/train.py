@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 from diffusion_jax import cli
+from diffusion_jax.commands import errors, flags
 
 
 def main(argv=None, prog: str = "train.py") -> int:
@@ -34,14 +35,14 @@ def main(argv=None, prog: str = "train.py") -> int:
         help="do not write WORKDIR/tensorboard (the metrics are in WORKDIR/metrics.jsonl)",
     )
     config_lib.add_config_flags(parser)
-    cli.add_distributed_flags(parser)
+    flags.add_distributed_flags(parser)
     args = parser.parse_args(argv)
     cli.setup_logging()
-    with cli.clean_errors(prog):
+    with errors.clean_errors(prog):
         overrides = config_lib.config_overrides(args)
         config_lib.check_overrides(overrides)  # before the workdir is made
         workdir.check_creatable(args.workdir)
-        cli.start_distributed(args)
+        flags.start_distributed(args)
         result = training.train(
             args.workdir,
             preset=args.preset,
