@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from typing import TYPE_CHECKING
 
 from benchmarks.common import fmt, md_table
+
+if TYPE_CHECKING:  # (gpu_check imports this module)
+    from benchmarks.gpu_check import Proc
 
 # ---------------------------------------------------------------- what the outputs say
 
@@ -20,7 +24,7 @@ def table_rows(markdown: str) -> int:
     lines = markdown.splitlines() + [""]
     return sum(
         1
-        for x, below in zip(lines, lines[1:])
+        for x, below in zip(lines, lines[1:], strict=False)
         if x.startswith("|") and not x.startswith("|---") and not below.startswith("|---")
     )
 
