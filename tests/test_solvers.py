@@ -4,14 +4,16 @@ Three kinds of check: (1) each few-step solver matches its float64 reference (te
 plain numpy loops written from the papers) sample by sample on the exact denoiser of a Gaussian
 mixture; (2) its global error against the exact probability-flow solution of Gaussian data falls
 at its order as the steps double; (3) contract tests over the registry ``solvers.SOLVERS`` itself:
-every solver runs any chain length, is deterministic for a key, and (the deterministic ones)
-reproduces the data's moments at 50 steps.
+every solver runs any chain length, is deterministic for a key, ends on x0_hat, and (the
+deterministic ones) reproduces the data's moments at 50 steps. Last, the Karras time grid against
+its formula in Python floats.
 """
 
 import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from exact import (
@@ -43,7 +45,8 @@ _SOLVER_FIELD = (
 
 
 def run(params, schedule, name, n, key=0, num_classes=1, **kw):
-    """``(samples, x_T)`` of an unconditional chain (float64 numpy), exact denoiser, no clipping."""
+    """``(SampleResult, x_T)``: a chain on the exact denoiser without clipping, and its starting
+    noise (float64). ``kw`` are further sampler settings."""
     kw = {_SOLVER_FIELD: name, "clip": None, **kw}
     out = samplers.sample(
         mixture_eps,
@@ -184,6 +187,29 @@ def test_deterministic_solvers_reach_the_data_at_50_steps(gaussian, name):
     for d in range(2):
         p, q = np.polyfit(x_start[:, d], y[:, d], 1)
         assert abs(q - MU[d]) < 0.02 * STD and abs(p**2 / STD**2 - 1.0) < 0.03, (d, p, q)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_last_step_returns_x0_hat(name):
+    """A denoiser predicting a fixed x0: every solver's sample is that x0 after clipping (no
+    correction or noise after the last network call)."""
+    target = np.array([[3.0, 0.5], [0.2, -0.4]], np.float32)
+
+    def fixed_x0(params, x, t, labels):
+        return jnp.broadcast_to(jnp.asarray(target), x.shape)
+
+    sched = respace("cosine", 50, 5, solvers.get(name).spacing)
+    out = samplers.sample(
+        fixed_x0,
+        {},
+        sched,
+        jax.random.PRNGKey(0),
+        (2, 2),
+        num_classes=1,
+        prediction="x0",
+        **{_SOLVER_FIELD: name},
+    )
+    np.testing.assert_allclose(out.samples, np.clip(target, -1, 1), atol=1e-6)
 
 
 def test_registry_drives_the_names():
