@@ -131,6 +131,7 @@ def sampling_section(args, report: Report, samplings: list[Sampling]) -> None:
         for text in (
             targets_table(s, results, steps_of.get("ddpm"), steps_of.get("ddim")),
             guidance_check(s),
+            flops_check(s),
             "\n".join(f"- note: {n}" for n in notes),
         ):
             if text:
@@ -216,7 +217,7 @@ def guidance_check(s: Sampling) -> str:
     lines = []
     for (method, guided, batch), convs in sorted(s.step_convolutions.items()):
         other = (method, not guided, batch)
-        if guided and other in s.step_convolutions:
+        if guided and other in s.step_convolutions and s.step_flops[other]:
             ratio = s.step_flops[(method, True, batch)] / s.step_flops[other]
             lines.append(
                 f"- {method} batch {batch}: the compiled guided step has {convs} convolution ops, "
@@ -226,6 +227,29 @@ def guidance_check(s: Sampling) -> str:
     if not lines:
         return ""
     return "One denoiser call per guided step (the doubled batch):\n" + "\n".join(lines)
+
+
+def flops_check(s: Sampling) -> str:
+    """A warning ("" if none) where the samplers' FLOPs per step disagree by over 10% at one
+    batch size and guidance: each calls the denoiser once per step, so XLA's cost analysis then
+    counted a chain's loop iterations, not its body once, and the FLOPs columns are wrong."""
+    found: dict = {}
+    for (method, guided, batch), flops in s.step_flops.items():
+        if flops:
+            found.setdefault((guided, batch), {})[method] = flops
+    bad = [
+        f"{'guided' if guided else 'unguided'} batch {batch}: "
+        + ", ".join(f"{m} {f / 1e9:.4g}" for m, f in per_method.items())
+        for (guided, batch), per_method in sorted(found.items())
+        if max(per_method.values()) > 1.1 * min(per_method.values())
+    ]
+    if not bad:
+        return ""
+    return (
+        "**Warning: the FLOPs columns above are not per step.** GFLOP per reverse step differ "
+        "between samplers that all call the denoiser once per step, so XLA's cost analysis did "
+        "not count each chain's loop body once: " + "; ".join(bad)
+    )
 
 
 # ---------------------------------------------------------------- loop vs scan, unroll

@@ -172,3 +172,16 @@ def test_flops_of_the_timed_chain_are_one_reverse_step():
         alone = step_flops(s, method, True, 2, args)
         assert alone > 0 and abs(chain / alone - 1) < 0.01, (method, chain, alone)
         assert s.step_convolutions[(method, True, 2)] > 0
+
+
+def test_flops_check_warns_when_samplers_disagree_per_step():
+    """Every sampler calls the denoiser once per step: per-step FLOPs that differ (as if XLA had
+    counted a 1000-step chain's iterations) are flagged, agreeing ones are not."""
+    from benchmarks.sampling_bench import flops_check
+
+    agree = {("ddpm", True, 1): 2.0e9, ("ddim", True, 1): 2.004e9, ("ddpm", False, 1): 1e9}
+    assert flops_check(types.SimpleNamespace(step_flops=agree)) == ""
+    counted = {**agree, ("ddpm", True, 1): 2.0e12}
+    warning = flops_check(types.SimpleNamespace(step_flops=counted))
+    assert "not per step" in warning and "guided batch 1: ddpm 2000, ddim 2.004" in warning
+    assert "unguided" not in warning
