@@ -10,15 +10,15 @@ The folder listing is the architecture:
   (RePaint);
 * networks: ``embeddings``, ``unet``, ``mlp``, ``models`` (the network registry: config ->
   module -> denoiser);
-* running: ``config`` (presets, flags), ``datasets`` (the data set registry), ``data``
-  (loaders), ``optimization`` (learning rate, AdamW, EMA decay), ``training`` (state, step
-  compiler, loop), ``dispatch`` (the size of a dispatch, waiting for it), ``runs`` (a run resolved
-  from its workdir), ``hooks`` (signals, metrics log, progress, TensorBoard), ``workdir`` (a
-  run's folder and its lock), ``checkpoints`` (Orbax), ``generation`` (sampling a
-  checkpoint), ``visuals`` (morphs, inpainting and interpolations of a checkpoint, as files), ``outputs``
-  (output sets written all or nothing),
-  ``images`` (grids, GIFs), ``cli`` (what the commands share), ``commands`` (train, sample,
-  evaluate; their flags and error handling);
+* running: ``config`` (presets, flags), ``datasets`` (the data set registry and loaders),
+  ``data`` (arrays and batches), ``optimization`` (learning rate, AdamW, EMA decay),
+  ``training`` (state, step compiler, loop), ``dispatch`` (the size of a dispatch, waiting for
+  it), ``runs`` (a run resolved from its workdir), ``hooks`` (signals, metrics log, progress,
+  TensorBoard), ``workdir`` (a run's folder and its lock), ``checkpoints`` (Orbax),
+  ``generation`` (sampling a checkpoint), ``visuals`` (morphs, inpainting and interpolations of
+  a checkpoint, as files), ``outputs`` (where outputs go; atomic files and sets written all or
+  nothing), ``images`` (grids, GIFs), ``cli`` (what the commands share), ``commands`` (train,
+  sample, evaluate; their flags and error handling);
 * measuring: ``classifier`` (the evaluation CNN), ``metrics`` (Frechet distance, Inception
   Score), ``evaluation`` (floors, sweeps, tables), ``evaluation_plots``.
 """

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import classifier as classifier_lib
-from diffusion_jax import data, generation, metrics, outputs, solvers
+from diffusion_jax import data, datasets, generation, metrics, outputs, solvers
 from diffusion_jax.cli import parse_list
 from diffusion_jax.evaluation_plots import plot_sweep
 from diffusion_jax.plans import SamplingPlan
@@ -183,7 +183,7 @@ def sweep(
         ("steps", "fd_vs_nfe.png"),
     ]
     paths = outputs.prepare({k: os.path.join(out, f) for k, f in names}, overwrite)
-    dataset = data.load_dataset(config)
+    dataset = datasets.load_dataset(config)
     clf = classifier_lib.get_classifier(dataset, classifier_dir, epochs=classifier_epochs)
     reference = Reference(clf, dataset)
     labels = np.repeat(np.arange(config.num_classes), per_class)
@@ -321,7 +321,7 @@ def evaluate_npz(
 ) -> dict:
     """Metrics of the samples in an ``.npz`` written by sample.py (``samples``, ``labels``)."""
     samples, labels = read_npz(path)
-    dataset = data.load_dataset(config)
+    dataset = datasets.load_dataset(config)
     images = check_images(samples, dataset.train_x.shape[1:])
     labels = check_labels(labels, len(images), dataset.num_classes, config.null_label, path)
     clf = classifier_lib.get_classifier(dataset, classifier_dir, epochs=classifier_epochs)

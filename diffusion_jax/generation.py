@@ -13,7 +13,7 @@ import numpy as np
 
 from diffusion_jax import (
     checkpoints,
-    data,
+    datasets,
     images,
     models,
     outputs,
@@ -252,7 +252,7 @@ def _write_outputs(paths, ckpt, plan: SamplingPlan, labels, key, result, seed, b
         # few-step sampler's spacing, e.g. dpmpp2m's logsnr, cannot place T steps)
         reference = plan.replace(solver="ddpm", steps=T, spacing="uniform", timesteps=None, eta=0)
         full = generate(*ckpt[:4], labels, key, reference, batch_size=batch_size).samples
-        real = data.load_dataset(config).test_x[: len(labels)]
+        real = datasets.load_dataset(config).test_x[: len(labels)]
         panels = {f"ancestral, {T} steps": np.asarray(full)}
         panels[f"{plan.solver}, {plan.steps} steps"] = samples
         images.save_toy2d_plot(real, panels, paths["toy2d"])

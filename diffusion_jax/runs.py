@@ -15,7 +15,7 @@ import os
 
 import jax
 
-from diffusion_jax import checkpoints, data, models, sharding
+from diffusion_jax import checkpoints, data, datasets, models, sharding
 from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
 
@@ -175,7 +175,7 @@ def resolve_run(
     saved, saved_step, saved_shape = _saved(ckpt_dir)
     config = resolve_config(saved, preset, overrides, allow_config_change)
     if dataset is None:
-        dataset = data.load_dataset(config)
+        dataset = datasets.load_dataset(config)
     if saved is not None and (
         set(config_lib.differences(saved, config)) & _reshaping_fields()
         or tuple(saved_shape) != dataset.train_x.shape[1:]

@@ -202,7 +202,8 @@ class ChainCall(NamedTuple):
 
     ``args`` = (params, schedule, key, labels, w, eta, x_init), padded and replicated for a mesh
     (``w`` the guidance weights per row and sample, (K, B) or (K, 1); ``x_init`` None unless the
-    chain starts from given noise); the chain has ``static["shape"][0]`` rows, of which the first ``batch`` are the samples."""
+    chain starts from given noise); the chain has ``static["shape"][0]`` rows, of which the first
+    ``batch`` are the samples."""
 
     args: tuple
     static: dict

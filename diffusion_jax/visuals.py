@@ -16,7 +16,7 @@ import numpy as np
 
 from diffusion_jax import (
     checkpoints,
-    data,
+    datasets,
     evaluation,
     generation,
     images,
@@ -253,7 +253,7 @@ def inpaint_to_files(
     config, shape = ckpt.config, ckpt.data_shape
     mask_arr = load_mask(mask, shape, seed)
     if images_path is None:
-        dataset = data.load_dataset(config)
+        dataset = datasets.load_dataset(config)
         if count < 1:
             raise ValueError(f"--per_class (images to inpaint) must be >= 1, got {count}")
         # the first test images of each class in turn, so every digit shows up

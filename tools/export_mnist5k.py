@@ -44,10 +44,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 def export(folder: str) -> dict[str, str]:
     """Write mnist5k's split into ``folder`` as the four gzipped IDX files and check that
-    ``data.load_idx_folder`` reads it back equal to ``data.load_mnist5k``. Returns the paths."""
-    from diffusion_jax import data
+    ``datasets.load_idx_folder`` reads it back equal to ``datasets.load_mnist5k``. Returns the
+    paths."""
+    from diffusion_jax import datasets
 
-    ds = data.load_mnist5k()
+    ds = datasets.load_mnist5k()
     arrays = {
         "train_x": to_uint8(ds.train_x),
         "train_y": ds.train_y,
@@ -56,7 +57,7 @@ def export(folder: str) -> dict[str, str]:
     }
     os.makedirs(folder, exist_ok=True)
     paths = {}
-    for key, stem in data.IDX_FILES.items():
+    for key, stem in datasets.IDX_FILES.items():
         path = os.path.join(folder, stem + ".gz")
         tmp = f"{path}.{os.getpid()}.tmp"
         # mtime=0: the same digits give the same bytes, whenever they are exported
@@ -64,7 +65,7 @@ def export(folder: str) -> dict[str, str]:
             f.write(idx_bytes(arrays[key]))
         os.replace(tmp, path)  # a reader never sees half a file
         paths[key] = path
-    back = data.load_idx_folder(folder)
+    back = datasets.load_idx_folder(folder)
     for field in ("train_x", "train_y", "test_x", "test_y"):
         if not np.array_equal(getattr(back, field), getattr(ds, field)):
             raise RuntimeError(f"{folder}: {field} read back differs from mnist5k's; not usable")
