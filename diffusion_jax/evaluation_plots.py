@@ -32,13 +32,13 @@ def plot_sweep(rows, guidance_spec, steps_w, paths) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    for method in dict.fromkeys(r["sampler"] for r in rows):
+    for solver in dict.fromkeys(r["sampler"] for r in rows):
         s = sorted(
-            (r for r in rows if r["sampler"] == method and r["w"] == steps_w),
+            (r for r in rows if r["sampler"] == solver and r["w"] == steps_w),
             key=lambda r: r["nfe"],
         )
         if s:
-            ax.plot([r["nfe"] for r in s], [r["fd"] for r in s], "o-", label=method)
+            ax.plot([r["nfe"] for r in s], [r["fd"] for r in s], "o-", label=solver)
     if g:
         ax.axhline(g[0]["floor_fd"], ls="--", c="gray", lw=1, label="real train vs test")
     ax.set_xscale("log")

@@ -61,6 +61,8 @@ DEFAULT_MODULES = (
     "diffusion",
     "losses",
     "samplers",
+    "guidance",
+    "plans",
     "solvers",
     "interpolation",
     "inpainting",
@@ -73,6 +75,7 @@ DEFAULT_MODULES = (
     "evaluation",
     "unet",
     "data",
+    "datasets",
 )
 
 # The tests run against each module's mutants (pytest node ids or files, relative to the root).
@@ -83,6 +86,8 @@ MODULE_TESTS = {
     "losses": ["tests/test_losses.py"],
     # the batch padding of a sharded chain is exercised only with a mesh of several devices
     "samplers": ["tests/test_samplers.py", "tests/test_sharding.py::test_eight_devices_match_one"],
+    "guidance": ["tests/test_plans.py", "tests/test_samplers.py::test_guidance_combination"],
+    "plans": ["tests/test_plans.py", "tests/test_commands.py::test_sampling_flags_become_one_plan"],
     "solvers": ["tests/test_samplers.py"],
     "metrics": ["tests/test_metrics.py"],
     "embeddings": [
@@ -109,6 +114,7 @@ MODULE_TESTS = {
         "tests/test_evaluation.py::test_sweep_end_to_end",
     ],
     "unet": ["tests/test_networks.py"],
+    "datasets": ["tests/test_data.py"],
     "data": [
         "tests/test_data.py",
         "tests/test_sharding.py::test_one_shard_is_the_single_device_order",
