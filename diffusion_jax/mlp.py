@@ -15,12 +15,15 @@ class MLPDenoiser(nn.Module):
     """x (B, D), t int32 (B,), labels int32 (B,) in [0, num_classes] -> (B, D) float32.
 
     Residual MLP blocks, each told the time/class embedding; zero-initialised output layer.
+    ``guidance_embedding``: also take the guidance weight w (B,) as an input (a distilled
+    student; see :class:`~diffusion_jax.embeddings.Conditioning`).
     """
 
     num_classes: int = 0
     hidden: int = 128
     num_layers: int = 3
     dtype: jnp.dtype = jnp.float32
+    guidance_embedding: bool = False
 
     input_kind: ClassVar[str] = "points"  # (B, D): see models.Network
 
@@ -28,9 +31,11 @@ class MLPDenoiser(nn.Module):
         datasets.check_shape(self.input_kind, shape, type(self).__name__)
 
     @nn.compact
-    def __call__(self, x, t, labels=None, train: bool = False):
+    def __call__(self, x, t, labels=None, train: bool = False, w=None):
         self.check_input_shape(x.shape)
-        emb = Conditioning(self.hidden, self.num_classes, self.dtype)(t, labels)
+        emb = Conditioning(self.hidden, self.num_classes, self.dtype, self.guidance_embedding)(
+            t, labels, w
+        )
         h = nn.Dense(self.hidden, dtype=self.dtype)(x.astype(self.dtype))
         for _ in range(self.num_layers):
             y = nn.Dense(self.hidden, dtype=self.dtype)(nn.swish(h) + emb)

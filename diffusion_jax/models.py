@@ -30,7 +30,8 @@ class Network(Protocol):
         """ValueError unless a batch of ``shape`` can pass: first datasets.check_shape (the
         rank of ``input_kind``), then the network's own limits. Its ``__call__`` calls it too."""
 
-    def __call__(self, x, t, labels=None, train: bool = False) -> jax.Array: ...
+    # w: the guidance weight (B,), for a network built with guidance_embedding=True only
+    def __call__(self, x, t, labels=None, train: bool = False, w=None) -> jax.Array: ...
 
 
 class NetworkEntry(NamedTuple):
@@ -58,11 +59,18 @@ NETWORKS: dict[str, NetworkEntry] = {
 }
 
 
-def build_model(config) -> nn.Module:
-    """The network that ``config`` (a :class:`~diffusion_jax.config.Config`) describes."""
+def build_model(config, guidance_embedding: bool = False) -> nn.Module:
+    """The network that ``config`` (a :class:`~diffusion_jax.config.Config`) describes;
+    ``guidance_embedding``: with the guidance weight w as an input (a distilled student, see
+    :class:`~diffusion_jax.embeddings.Conditioning`)."""
     dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
     entry = NETWORKS[config.model]
-    return entry.module(num_classes=config.num_classes, dtype=dtype, **entry.settings(config))
+    return entry.module(
+        num_classes=config.num_classes,
+        dtype=dtype,
+        guidance_embedding=guidance_embedding,
+        **entry.settings(config),
+    )
 
 
 @functools.cache

@@ -87,6 +87,9 @@ class UNet(nn.Module):
         off the full 28x28 grid, where XLA:CPU's convolutions are slowest (docs/BENCHMARKS.md);
         1 is the plain U-Net. ``attention_resolutions`` count the patched grid (14, 7 for p=2).
       dtype: activation dtype (jnp.bfloat16 for mixed precision); parameters stay float32.
+      guidance_embedding: also take the guidance weight w (B,) as an input, ``__call__(...,
+        w=w)`` (a distilled student; see :class:`~diffusion_jax.embeddings.Conditioning`). Off,
+        the parameters are exactly those of the U-Net without it.
     """
 
     num_classes: int = 10
@@ -100,6 +103,7 @@ class UNet(nn.Module):
     out_channels: int | None = None
     patch_size: int = 1
     dtype: jnp.dtype = jnp.float32
+    guidance_embedding: bool = False
 
     input_kind: ClassVar[str] = "image"  # (B, H, W, C): see models.Network
 
@@ -135,10 +139,12 @@ class UNet(nn.Module):
                 )
 
     @nn.compact
-    def __call__(self, x, t, labels=None, train: bool = False):
+    def __call__(self, x, t, labels=None, train: bool = False, w=None):
         self.check_input_shape(x.shape)
         block = dict(num_groups=self.num_groups, dropout=self.dropout, dtype=self.dtype)
-        emb = Conditioning(4 * self.channels, self.num_classes, self.dtype)(t, labels)
+        emb = Conditioning(
+            4 * self.channels, self.num_classes, self.dtype, self.guidance_embedding
+        )(t, labels, w)
 
         p = self.patch_size
         h = x.astype(self.dtype)
