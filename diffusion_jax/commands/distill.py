@@ -1,0 +1,88 @@
+"""Distil a trained guided model into a few-step sampler (guided progressive distillation).
+
+    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill \\
+        --start_steps 64 --rounds 6 --steps_per_round 500 --w_min 0 --w_max 2
+    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill ...  # resume
+
+Each round halves the steps (64 -> 32 -> ... -> 1); round r's student is in WORKDIR/round_r. A
+student takes the guidance weight w as an input, so it samples any w in [w_min, w_max] with one
+network call per step. Ctrl-C or SIGTERM writes a checkpoint; the same command resumes. A
+WORKDIR holding another run (other teacher or settings) is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from diffusion_jax import cli
+from diffusion_jax.commands import errors
+
+# the DistillSettings fields that are flags, with their help
+_HELP = {
+    "start_steps": "the teacher's DDIM steps in round 0 (a multiple of 2**rounds)",
+    "rounds": "halvings: the last student takes start_steps / 2**rounds steps",
+    "steps_per_round": "optimiser steps per round",
+    "w_min": "smallest guidance weight the student learns",
+    "w_max": "largest guidance weight the student learns",
+    "batch_size": "examples per optimiser step",
+    "lr": "peak learning rate (warm-up, then cosine decay over each round)",
+    "warmup_steps": "learning-rate warm-up steps of each round",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "largest global gradient norm",
+    "ema_decay": "EMA decay of the students' parameters (the EMA is what is sampled)",
+    "seed": "seed of every random draw",
+    "checkpoint_every": "optimiser steps between checkpoints",
+    "log_every": "optimiser steps between progress lines",
+    "student_prediction": "what the students predict: eps, x0 or v (default: the teacher's)",
+}
+
+
+def main(argv=None, prog: str = "distill.py") -> int:
+    from diffusion_jax import distill_rounds, distillation, workdir
+
+    parser = cli.command_parser(prog, __doc__)
+    parser.add_argument("--teacher", required=True, help="the teacher's workdir or checkpoint")
+    parser.add_argument("--workdir", required=True, help="folder of the distillation run")
+    defaults = distillation.DistillSettings()
+    for field in dataclasses.fields(distillation.DistillSettings):
+        if field.name in _HELP:
+            value = getattr(defaults, field.name)
+            parser.add_argument(
+                f"--{field.name}",
+                type=type(value),
+                default=value,
+                choices=("", *distillation.STUDENT_PREDICTIONS)
+                if field.name == "student_prediction"
+                else None,
+                help=f"{_HELP[field.name]} (default: {value!r})",
+            )
+    parser.add_argument(
+        "--no_clip_teacher",
+        action="store_true",
+        help="do not clip the teacher's x0 to [-1, 1] at each step (the samplers clip it)",
+    )
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+    with errors.clean_errors(prog):
+        settings = distillation.DistillSettings(
+            **{k: getattr(args, k) for k in _HELP}, clip_teacher=not args.no_clip_teacher
+        ).validate()
+        workdir.check_creatable(args.workdir)
+        result = distill_rounds.distill(args.workdir, args.teacher, settings)
+        if result.interrupted:
+            print(
+                f"interrupted in round {result.rounds_done}; run the same command again to "
+                "resume"
+            )
+            return 130
+        print(f"done: {result.rounds_done} rounds; the last student is in {result.path}")
+    return 0
+
+
+def run(prog: str = "diffusion-distill") -> None:
+    """The console entry point (``diffusion-distill``; ``python distill.py`` calls it too)."""
+    cli.run_command(main, prog)
+
+
+if __name__ == "__main__":  # python -m diffusion_jax.commands.distill
+    run()

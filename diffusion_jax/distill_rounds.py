@@ -1,0 +1,294 @@
+"""Distillation rounds on disk: :func:`distill` runs (or resumes) the rounds of
+:mod:`diffusion_jax.distillation` from a trained teacher checkpoint, and :func:`load_student`
+opens a round's student for sampling.
+
+Layout of ``OUT``: ``distill.json`` (the teacher and the settings; a different run is refused),
+and per round r (0-based) ``round_r/checkpoints/STEP/{state,ema,meta}`` (Orbax, as training
+writes them) with ``round_r/metrics.jsonl``. Round r distils ``start_steps / 2**r`` teacher steps
+into half as many; its teacher is the guided original (r = 0) or round r-1's EMA student, and its
+student starts from the teacher's parameters (round 0 adds the zero-initialised w-embedding).
+A round's ``meta`` holds the student's config (the teacher's, with the student's prediction) and
+a ``distill`` record: the round, its steps and their timesteps, the w range and the teacher.
+
+Everything random derives from ``settings.seed``: round r's key is ``fold_in(seed, r)``, step s
+of it draws from ``fold_in(fold_in(round key, 1), s)``, so an interrupted round resumes to the
+result of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from diffusion_jax import checkpoints, data, dispatch, distillation, generation, hooks, models
+from diffusion_jax import config as config_lib
+from diffusion_jax import workdir as workdir_lib
+from diffusion_jax.schedules import make_schedule
+
+logger = logging.getLogger("diffusion_jax.training")
+
+RECORD = "distill.json"
+
+
+class DistillResult(NamedTuple):
+    """``path``: the last finished round's folder (None if none finished); ``rounds_done``;
+    ``interrupted``: a signal (or ``stop_after``) ended the run after writing a checkpoint."""
+
+    path: str | None
+    rounds_done: int
+    interrupted: bool
+
+
+class Student(NamedTuple):
+    """A distilled student opened for sampling (:func:`load_student`)."""
+
+    config: config_lib.Config  # the teacher's, with the student's prediction
+    model: object  # the Flax module, with the w-embedding
+    params: object  # EMA parameters
+    data_shape: tuple[int, ...]
+    timesteps: np.ndarray  # (steps,) its levels, noisiest first
+    record: dict  # the checkpoint's "distill" record
+
+
+def round_dir(out: str, r: int) -> str:
+    return os.path.join(out, f"round_{r}")
+
+
+def _check_out(out: str, record: dict) -> None:
+    """Refuse an ``out`` that holds something else, or a distillation with other settings."""
+    path = os.path.join(out, RECORD)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != record:
+            diff = sorted(
+                k for k in set(old.get("settings", {})) | set(record["settings"])
+                if old.get("settings", {}).get(k) != record["settings"].get(k)
+            )
+            if old.get("teacher") != record["teacher"]:
+                diff.insert(0, "teacher")
+            raise workdir_lib.WorkdirError(
+                f"{out!r} holds a distillation run with different settings ({', '.join(diff)}): "
+                "nothing was changed. Resume it with its own flags, or choose a new --workdir."
+            )
+    elif os.path.isdir(out) and os.listdir(out):
+        raise workdir_lib.WorkdirError(
+            f"{out!r} exists and is not a distillation run (no {RECORD}); choose a new or empty "
+            "--workdir so nothing in it is overwritten"
+        )
+    elif os.path.exists(out) and not os.path.isdir(out):
+        raise workdir_lib.WorkdirError(f"--workdir {out!r} is a file, not a folder")
+
+
+def _save(mngr, step, state, config, data_shape, record) -> None:
+    """An Orbax checkpoint laid out as :func:`checkpoints.save` lays it out, its meta carrying
+    the ``distill`` record (checkpoints.save takes no extra meta)."""
+    mngr.wait_until_finished()
+    part = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    checkpoints.check_space(str(mngr.directory), (part, state.ema_params), step)
+    meta = {
+        "project": checkpoints.PROJECT,
+        "format": checkpoints.FORMAT_VERSION,
+        "step": int(step),
+        "config": config_lib.to_dict(config),
+        "data_shape": [int(d) for d in data_shape],
+        "distill": record,
+    }
+    mngr.save(
+        int(step),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(part),
+            ema=ocp.args.StandardSave(state.ema_params),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+
+
+def _round_record(r, grid, settings, teacher_path, steps) -> dict:
+    return {
+        "round": r,
+        "steps": steps,
+        "timesteps": [int(t) for t in distillation.student_grid(grid, steps)],
+        "teacher_steps": 2 * steps,
+        "w_min": settings.w_min,
+        "w_max": settings.w_max,
+        "teacher": teacher_path,
+        "guidance_embedding": True,
+    }
+
+
+def distill(
+    out: str,
+    teacher_path: str,
+    settings: distillation.DistillSettings,
+    *,
+    dataset: data.Dataset | None = None,
+    stop_after: int | None = None,
+) -> DistillResult:
+    """Run or resume the distillation of the checkpoint at ``teacher_path`` into ``out``.
+
+    ``dataset``: the examples z is made from (default: the teacher's data set). ``stop_after``:
+    behave as if signalled once this many optimiser steps (over all rounds) are done (tests).
+    Messages (a line every ``log_every`` steps and one per round) go to the training logger.
+    """
+    settings.validate()
+    out = os.path.abspath(out)
+    teacher = generation.load_for_sampling(teacher_path)  # CheckpointError if there is none
+    tconfig = teacher.config
+    grid = distillation.start_grid(tconfig.num_timesteps, settings.start_steps)
+    teacher_path = os.path.abspath(teacher_path)
+    record = {
+        "teacher": teacher_path,
+        "teacher_step": int(teacher.step),
+        "settings": dataclasses.asdict(settings),
+    }
+    _check_out(out, record)
+    with workdir_lib.workdir_lock(out):
+        with open(os.path.join(out, RECORD), "w") as f:
+            json.dump(record, f, indent=1)
+        dataset = dataset or data.load_dataset(tconfig)
+        return _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after)
+
+
+def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> DistillResult:
+    tconfig = teacher.config
+    prediction = settings.student_prediction or tconfig.prediction
+    sconfig = dataclasses.replace(tconfig, prediction=prediction)
+    smodel = models.build_model(sconfig, guidance_embedding=True)
+    schedule = make_schedule(tconfig.schedule, tconfig.num_timesteps)
+    clip = (-1.0, 1.0) if settings.clip_teacher else None
+    guided_teacher = distillation.predictor(
+        models.denoiser(teacher.model), tconfig.prediction, clip, True, tconfig.null_label
+    )
+    student_teacher = distillation.predictor(models.denoiser(smodel), prediction, clip)
+    student = distillation.predictor(models.denoiser(smodel), prediction)
+    data_x = jnp.asarray(dataset.train_x, jnp.float32)
+    data_y = jnp.asarray(dataset.train_y, jnp.int32)
+    base = jax.random.PRNGKey(settings.seed)
+    teacher_params, done, last = teacher.params, 0, None
+    for r in range(settings.rounds):
+        steps = settings.start_steps // 2 ** (r + 1)
+        rec = _round_record(r, grid, settings, teacher_path, steps)
+        folder = round_dir(out, r)
+        mngr = checkpoints.manager(os.path.join(folder, checkpoints.SUBDIR), max_to_keep=2)
+        try:
+            key = jax.random.fold_in(base, r)
+            if r == 0:
+                init = models.init_params(
+                    smodel, jax.random.fold_in(key, 0), (1, *teacher.data_shape)
+                )
+                start_params = distillation.graft(teacher_params, init)
+            else:
+                start_params = teacher_params
+            state = distillation.init_state(settings, start_params)
+            saved = mngr.latest_step()
+            if saved is not None:
+                directory = os.path.join(folder, checkpoints.SUBDIR)
+                part = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+                restored, ema = checkpoints.restore_train(
+                    mngr, directory, saved, part, state.ema_params
+                )
+                state = distillation.TrainState(ema_params=ema, **restored)
+            if int(state.step) < settings.steps_per_round:
+                teacher_grid = distillation.student_grid(grid, 2 * steps)
+                levels = distillation.levels(tconfig.schedule, tconfig.num_timesteps, teacher_grid)
+                step_fn = distillation.make_distill_step(
+                    settings, student, guided_teacher if r == 0 else student_teacher
+                )
+                budget = None if stop_after is None else stop_after - done
+                state, stopped = _loop(
+                    settings, mngr, folder, r, rec, sconfig, teacher.data_shape, state,
+                    (teacher_params, schedule, levels, data_x, data_y, jax.random.fold_in(key, 1)),
+                    step_fn, budget,
+                )
+                done += int(state.step) - (saved or 0)
+                if stopped:
+                    return DistillResult(last, r, True)
+            else:
+                logger.info(f"round {r}: done earlier ({2 * steps} -> {steps} steps)")
+            teacher_params, last = state.ema_params, folder
+        finally:
+            mngr.wait_until_finished()
+            mngr.close()
+    return DistillResult(last, settings.rounds, False)
+
+
+def _loop(settings, mngr, folder, r, rec, sconfig, data_shape, state, args, step_fn, budget):
+    """Round ``r`` from ``state`` to ``steps_per_round``; ``(state, stopped)``."""
+    start, end = int(state.step), settings.steps_per_round
+    sink = hooks.JsonlSink(os.path.join(folder, "metrics.jsonl"), start)
+    logger.info(
+        f"round {r}: {rec['teacher_steps']} -> {rec['steps']} steps, step {start}/{end}, "
+        f"w in [{settings.w_min:g}, {settings.w_max:g}]"
+    )
+    losses, t0, timed = [], None, 0
+    step = start
+    with hooks.StopFlag() as stop:
+        while step < end:
+            state, metrics = step_fn(state, *args)
+            dispatch.wait_ready(metrics)  # polling: a signal's handler runs meanwhile
+            step += 1
+            if t0 is None:
+                t0 = time.perf_counter()  # after the first step, which compiles
+            else:
+                timed += 1
+            losses.append(float(metrics["loss"]))
+            stopping = stop.signal is not None or (budget is not None and step - start >= budget)
+            if step % settings.log_every == 0 or step == end:
+                speed = (time.perf_counter() - t0) / timed if timed else float("nan")
+                mean = float(np.mean(losses))
+                sink.write({"step": step, "loss": mean, "s_per_step": speed, "time": time.time()})
+                logger.info(
+                    f"round {r}: step {step}/{end} loss {mean:.5f} "
+                    f"({speed:.2f} s/step after compiling)"
+                )
+                losses = []
+            if step % settings.checkpoint_every == 0 or step == end or stopping:
+                _save(mngr, step, state, sconfig, data_shape, rec)
+            if stopping:
+                why = f"signal {stop.signal}" if stop.signal is not None else "stop_after"
+                logger.info(f"round {r}: stopped by {why} at step {step}; checkpoint written")
+                return state, True
+    logger.info(f"round {r} done: {rec['steps']}-step student in {folder}")
+    return state, False
+
+
+def load_student(path: str) -> Student:
+    """The EMA student of a round folder (``OUT/round_r``, or one of its checkpoint folders)."""
+    mngr, directory, step, config, data_shape = checkpoints.open_for_sampling(path)
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        rec = meta.get("distill") if isinstance(meta, dict) else None
+        if not rec:
+            raise checkpoints.CheckpointError(
+                f"{path!r} is not a distilled student (its checkpoint has no distill record): "
+                "sample it with sample.py, or pass an OUT/round_R folder of distill.py"
+            )
+        model = models.build_model(config, guidance_embedding=True)
+        target = models.abstract_params(model, (1, *data_shape))
+        params = checkpoints.restore_ema(mngr, directory, step, target)
+    finally:
+        mngr.close()
+    return Student(config, model, params, tuple(data_shape), np.asarray(rec["timesteps"]), rec)
+
+
+def sample_student(student: Student, labels, w: float, key, clip=(-1.0, 1.0)):
+    """Samples (len(labels), *data_shape) of a loaded student at guidance weight ``w``."""
+    config = student.config
+    predict = distillation.predictor(models.denoiser(student.model), config.prediction, clip)
+    chain = distillation.levels(config.schedule, config.num_timesteps, student.timesteps)
+    schedule = make_schedule(config.schedule, config.num_timesteps)
+    labels = jnp.asarray(labels, jnp.int32)
+    return distillation.sample(
+        predict, student.params, schedule, chain, key, labels, w, tuple(student.data_shape)
+    )
