@@ -267,6 +267,16 @@ def _write_outputs(paths, ckpt, plan: SamplingPlan, labels, key, result, seed, b
             )
         # (generate kept only the snapshots of the samples shown)
         images.save_gif(np.asarray(result.snapshots), paths["reverse"], per_row=per_row)
+    # the choices away from their defaults are recorded too (an .npz cannot hold None)
+    extra = {}
+    if plan.timesteps is not None:
+        extra["timesteps"] = plan.timesteps
+    if plan.x0 != "clip":
+        extra["x0"] = plan.x0
+    if plan.guidance_interval is not None:
+        extra["guidance_interval"] = plan.guidance_interval
+    if plan.guidance_schedule != "constant":
+        extra["guidance_schedule"] = plan.guidance_schedule
     images.save_npz(
         paths["samples"],
         samples,
@@ -278,4 +288,5 @@ def _write_outputs(paths, ckpt, plan: SamplingPlan, labels, key, result, seed, b
         eta=plan.eta,
         seed=seed,
         step=ckpt.step,
+        **extra,
     )

@@ -8,6 +8,11 @@ of timesteps and a schedule, :mod:`diffusion_jax.guidance`). It is frozen and ch
 :meth:`SamplingPlan.schedule`, :meth:`SamplingPlan.settings` and
 :meth:`SamplingPlan.chain_options` turn it into what :func:`diffusion_jax.samplers.prepare_chain`
 takes.
+
+Words: the update rule is a *solver* in the library (``SamplingPlan.solver``,
+``SamplerSettings.solver``, ``solvers.SOLVERS``); the commands keep the user-facing *sampler*
+(``--sampler``, with ``--solver`` as an alias; the config's ``sampler`` field; the ``sampler``
+column of evaluation tables), which names the same thing.
 """
 
 from __future__ import annotations

@@ -200,5 +200,7 @@ def test_explicit_timesteps_and_guidance_flags_reach_the_files(toy_run, tmp_path
     same = generation.sample_to_files(toy_run, dict(solver="ddim", steps=3,
                                       guidance_interval=(0, 10), guidance_schedule="linear"),
                                       per_class=2, out=str(tmp_path / "by_steps"))
-    np.testing.assert_array_equal(np.load(tmp_path / npz[0])["samples"],
-                                  np.load(same["samples"])["samples"])
+    saved = np.load(tmp_path / npz[0])
+    np.testing.assert_array_equal(saved["samples"], np.load(same["samples"])["samples"])
+    assert list(saved["timesteps"]) == [19, 10, 0] and list(saved["guidance_interval"]) == [0, 10]
+    assert str(saved["guidance_schedule"]) == "linear" and "x0" not in saved.files
