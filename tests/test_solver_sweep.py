@@ -1,0 +1,61 @@
+"""benchmarks/solver_sweep.py (issue 23): a dry run on the session's tiny model. Each row's FD
+ratio is its FD over the reference's FD of the same seed; the rows run in the order of the
+call budgets asked for; the best row per budget is recommended; nothing is overwritten."""
+
+import json
+import os
+
+import pytest
+
+from benchmarks import solver_sweep
+from diffusion_jax import classifier
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, tiny_data):
+    directory = str(tmp_path_factory.mktemp("clf"))
+    classifier.save(classifier.train_classifier(tiny_data, epochs=1, feature_dim=8), directory,
+                    tiny_data.name)
+    return directory
+
+
+def test_a_dry_run_scores_every_plan_against_the_reference_of_its_seed(
+    straight_run, classifier_dir, tmp_path, capsys
+):
+    workdir, _ = straight_run
+    out = str(tmp_path / "sweep.md")
+    argv = ["--workdir", workdir, "--per_class", "2", "--seeds", "0,1", "--calls", "3,2",
+            "--solvers", "dpmpp2m", "--spacings", "uniform,logsnr", "--reference", "ddim:6",
+            "--classifier_dir", classifier_dir, "--w", "1", "--out", out]
+    assert solver_sweep.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = json.load(open(os.path.join(tmp_path, "sweep.json")))
+    refs = [r["fd"] for r in result["reference"]]
+    assert len(refs) == 2 and result["reference_plan"] == "ddim6"
+    rows = result["rows"]
+    assert [(r["calls"], r["solver"], r["spacing"]) for r in rows] == [
+        (3, "dpmpp2m", "uniform"), (3, "dpmpp2m", "logsnr"),
+        (2, "dpmpp2m", "uniform"), (2, "dpmpp2m", "logsnr"),
+    ]
+    for r in rows:
+        expected = [fd / ref for fd, ref in zip(r["fd"], refs, strict=True)]
+        assert r["ratio"] == pytest.approx(expected)
+        assert r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"]
+    best3 = min((r for r in rows if r["calls"] == 3), key=lambda r: r["ratio_mean"])
+    table = open(out).read()
+    assert "Recommended setting per call budget" in table
+    assert f"| 3 | {best3['solver']} ({best3['spacing']}) | {best3['ratio_mean']:.3f}" in table
+    # rows are printed as they finish, before the recommendation
+    assert printed.index("| dpmpp2m | logsnr | 2 |") < printed.index("Recommended setting")
+
+    with pytest.raises(SystemExit) as err:  # an existing report is never replaced by mistake
+        solver_sweep.main(argv)
+    assert err.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
+
+
+def test_unknown_solvers_and_spacings_are_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as err:
+        solver_sweep.parse_args(["--solvers", "dpmpp2m,heun"])
+    assert err.value.code == 2
+    message = capsys.readouterr().err
+    assert "unknown solver or spacing ['heun']" in message and "dpmpp2m" in message
