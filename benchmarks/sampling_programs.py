@@ -68,10 +68,6 @@ def chain_inputs(
     from diffusion_jax.schedules import respace
 
     cfg = s.config
-    # The solver's keyword: "method" in SamplerSettings until the samplers' refactor, "solver"
-    # after it; the benchmark runs with either.
-    fields = {f.name for f in dataclasses.fields(samplers.SamplerSettings)}
-    solver = {"solver" if "solver" in fields else "method": method}
     return samplers.prepare_chain(
         s.denoise_fn,
         s.params,
@@ -82,7 +78,7 @@ def chain_inputs(
         labels=np.random.default_rng(seed).integers(0, cfg.num_classes, batch),
         w=w if guided else 0.0,
         eta=0.0,  # deterministic DDIM
-        **solver,
+        solver=method,
         prediction=cfg.prediction,
         unroll=unroll,
         mesh=mesh,

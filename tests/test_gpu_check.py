@@ -23,12 +23,12 @@ from benchmarks.gpu_check_report import (  # noqa: E402
 def test_export_reads_back_as_mnist5k_and_dry_run_writes_the_report(tmp_path):
     """The whole check as the lent machine runs it, on the CPU: data from the IDX export, every
     stage, the benchmark cut off by its budget. The report must hold each section's numbers."""
-    from diffusion_jax import data
+    from diffusion_jax import datasets
     from tools import export_mnist5k
 
     folder = tmp_path / "gpu_data"
     export_mnist5k.export(str(folder))  # (checks the read-back itself; checked again here)
-    back, ref = data.load_idx_folder(str(folder)), data.load_mnist5k()
+    back, ref = datasets.load_idx_folder(str(folder)), datasets.load_mnist5k()
     assert back.train_x.shape == (4500, 28, 28, 1) and np.array_equal(back.train_x, ref.train_x)
     assert np.array_equal(back.test_y, ref.test_y)
 
