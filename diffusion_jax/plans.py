@@ -100,10 +100,7 @@ class SamplingPlan:
                 f"timesteps must be in [0, {T - 1}] (the model was trained with T={T}), "
                 f"got {self.timesteps}"
             )
-        if not 1 <= self.steps <= T:
-            raise ValueError(
-                f"--steps must be in [1, {T}] (the model was trained with T={T}), got {self.steps}"
-            )
+        _check_steps(self.steps, T)
         if self.guidance_interval is not None:
             guidance.check_interval(self.guidance_interval, T)
         return self
@@ -188,6 +185,8 @@ def resolve(
         steps = config.sample_steps if own else solvers.default_steps(solver, T)
         if spacing in SPACINGS:  # a default never asks for more steps than the spacing can place
             steps = min(steps, max_steps(config.schedule, T, spacing))
+    if timesteps is None:
+        _check_steps(steps, T)
     plan = SamplingPlan(
         solver=solver,
         steps=steps,
@@ -222,6 +221,14 @@ def timestep_schedule(name: str, num_timesteps: int, timesteps) -> Schedule:
     alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
     # (schedules' own constructor of respaced chains, the one respace calls)
     return schedules._schedule(keep, alpha_bar[keep], alpha_bar)
+
+
+def _check_steps(steps, num_timesteps: int) -> None:
+    T = num_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+        raise ValueError(
+            f"--steps must be in [1, {T}] (the model was trained with T={T}), got {steps}"
+        )
 
 
 def _check_int(name: str, value, low: int) -> None:
