@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 import traceback
@@ -409,6 +410,9 @@ def run_section(report: Report, title: str, fn, *fn_args) -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     start = time.monotonic()  # the budget counts from here: imports, set-up and compiles
+    # Ctrl-C / SIGINT ends the run with the rows measured written, even where the shell started
+    # it in the background with SIGINT ignored (as gpu_check's stop signal relies on).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = parse_args(argv)
     report = Report(args.budget_s, start)
     report.add(report_header(args, argv))
