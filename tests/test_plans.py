@@ -13,7 +13,13 @@ from diffusion_jax import guidance, plans, samplers, solvers
 from diffusion_jax.config import get_config
 from diffusion_jax.plans import SamplingPlan
 from diffusion_jax.samplers import sample
-from diffusion_jax.schedules import get_betas, make_schedule, respace, respaced_timesteps
+from diffusion_jax.schedules import (
+    SPACINGS,
+    get_betas,
+    make_schedule,
+    respace,
+    respaced_timesteps,
+)
 
 T = 200
 MEANS = np.array([[-0.6, -0.4], [0.6, -0.4], [0.0, 0.6]])
@@ -127,7 +133,7 @@ def test_guidance_scale_is_checked(mixture):
 # ---------------------------------------------------------------- explicit time grids
 
 
-@pytest.mark.parametrize("spacing", ["uniform", "logsnr", "quadratic"])
+@pytest.mark.parametrize("spacing", SPACINGS)
 def test_explicit_timesteps_give_the_respaced_chain(mixture, spacing):
     alpha_bar = np.cumprod(1.0 - get_betas("cosine", T))
     grid = tuple(int(v) for v in respaced_timesteps(T, 7, spacing, alpha_bar)[::-1])
