@@ -295,8 +295,9 @@ class IPNDM(Solver):
     summary = "iPNDM: Adams-Bashforth up to 4th order on eps in DDIM's ODE variable"
     default_steps: int | None = 20
     # Its coefficients assume even steps in rho = sigma / alpha, yet "karras" (a grid in rho) did
-    # worse than "logsnr" at 5-15 steps: on Gaussian data (output std off by +5% vs +7.5% at 10
-    # steps, cosine T = 1000) and on the shipped model at 10 steps (karras left visible noise).
+    # worse than "logsnr" at 5-15 steps: on Gaussian data (output std off by +7.5% vs +5% at 10
+    # steps, cosine T = 1000) and on the shipped model (10 steps, w = 1, 40 samples: RMS distance
+    # to the ODE solution 0.21 vs 0.10, and karras left visible noise).
     spacing = "logsnr"
 
     def init(self, x):
