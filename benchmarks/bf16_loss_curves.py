@@ -94,10 +94,11 @@ def main(argv=None) -> int:
     if args.plot and os.path.exists(args.plot):
         parser.error(f"{args.plot} exists; remove it or choose another --plot path")
 
-    from diffusion_jax import cli, training
+    from diffusion_jax import training
+    from diffusion_jax.commands import errors
 
     curves = {}
-    with cli.clean_errors("bf16_loss_curves.py"):
+    with errors.clean_errors("bf16_loss_curves.py"):
         for name, dtype, seed in RUNS:
             workdir = os.path.join(args.root, name)
             overrides = dict(

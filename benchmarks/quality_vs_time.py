@@ -58,7 +58,7 @@ def probe_steps_per_second(config, dataset, num_steps: int = 8) -> float:
 def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int) -> dict:
     """Train (or resume) one run for the budget; returns its record (also in ROOT/NAME.json)."""
     from diffusion_jax import config as config_lib
-    from diffusion_jax import data, training
+    from diffusion_jax import datasets, training
 
     workdir = os.path.join(root, spec.name)
     record_path = os.path.join(root, f"{spec.name}.json")
@@ -76,7 +76,7 @@ def train_run(spec: RunSpec, root: str, budget_minutes: float, evals: int) -> di
                 "or another --root"
             )
     else:
-        dataset = data.load_dataset(config)
+        dataset = datasets.load_dataset(config)
         rate = probe_steps_per_second(config, dataset)
         num_steps = max(evals, int(budget_minutes * 60 * rate) // evals * evals)
         record = {
@@ -121,7 +121,7 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args) -> list[dict]:
     import jax
 
     from diffusion_jax import classifier as classifier_lib
-    from diffusion_jax import data, evaluation, generation
+    from diffusion_jax import datasets, evaluation, generation
 
     workdir = os.path.join(root, spec.name)
     cache_path = os.path.join(root, f"{spec.name}.quality.json")
@@ -137,7 +137,7 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args) -> list[dict]:
         if key not in cache:
             path = os.path.join(workdir, "checkpoints", step_text)
             config, model, params, shape, step = generation.load_for_sampling(path)
-            dataset = data.load_dataset(config)
+            dataset = datasets.load_dataset(config)
             clf = classifier_lib.get_classifier(dataset, args.classifier_dir)
             reference = _reference(clf, dataset)
             labels = np.repeat(np.arange(config.num_classes), args.per_class)
@@ -149,9 +149,7 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args) -> list[dict]:
                 shape,
                 labels,
                 jax.random.PRNGKey(args.seed),
-                w=args.w,
-                method=method,
-                steps=int(k) if k else None,
+                dict(solver=method, steps=int(k) if k else None, w=args.w),
             )
             row = evaluation.evaluate_images(reference, np.asarray(out.samples), labels)
             cache[key] = {k: row[k] for k in ("fd", "floor_fd", "accuracy", "is", "real_is", "n")}
