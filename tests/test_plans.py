@@ -205,6 +205,9 @@ def test_plan_settings_and_tag():
     assert (settings.clip, settings.threshold, settings.num_snapshots) == ((-1, 1), 0.995, 3)
     assert plan.tag() == "ddim50_eta0.5_quadratic_x0threshold"
     assert SamplingPlan("dpmpp2m", 20, spacing="logsnr").tag() == "dpmpp2m20"
+    assert SamplingPlan("ddpm", 10, variance="large").tag() == "ddpm10_large"
+    quantile = SamplingPlan("ddim", 5, x0="threshold", threshold_quantile=0.9)
+    assert quantile.tag() == "ddim5_x0threshold_q0.9"
     guided = SamplingPlan("ddim", 50, guidance_interval=(100, 800), guidance_schedule="linear")
     assert guided.tag() == "ddim50_gi100,800_glinear"
     assert SamplingPlan("ddim", 50).chain_options(respace("cosine", T, 50), T)[
