@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
-from diffusion_jax import guidance, samplers, schedules, solvers
-from diffusion_jax.schedules import SPACINGS, Schedule, get_betas, max_steps, respace
+from diffusion_jax import guidance, samplers, solvers
+from diffusion_jax.schedules import SPACINGS, Schedule, max_steps, on_timesteps, respace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class SamplingPlan:
         self.check(num_timesteps)
         if self.timesteps is None:
             return respace(name, num_timesteps, self.steps, self.spacing)
-        return timestep_schedule(name, num_timesteps, self.timesteps)
+        return on_timesteps(name, num_timesteps, self.timesteps)
 
     def settings(self, prediction: str, **fields) -> samplers.SamplerSettings:
         """The compile-time :class:`~diffusion_jax.samplers.SamplerSettings` of this plan for a
@@ -207,20 +207,6 @@ def for_config(config, plan: SamplingPlan | dict | None = None, **defaults) -> S
     if plan is not None and not isinstance(plan, dict):
         raise TypeError(f"plan must be a SamplingPlan, a dict or None, got {type(plan).__name__}")
     return resolve(config, **{**defaults, **(plan or {})})
-
-
-def timestep_schedule(name: str, num_timesteps: int, timesteps) -> Schedule:
-    """The training schedule ``(name, T)`` walked on the given ``timesteps`` (decreasing, the
-    noisiest first): the chain :func:`~diffusion_jax.schedules.respace` builds for the same
-    grid, so both give the same samples."""
-    keep = np.asarray(timesteps, np.int64)[::-1]  # respace's rows go from the data upwards
-    if keep.ndim != 1 or keep.size == 0 or np.any(np.diff(keep) <= 0):
-        raise ValueError(f"timesteps must be distinct and decreasing, got {list(timesteps)}")
-    if keep[0] < 0 or keep[-1] > num_timesteps - 1:
-        raise ValueError(f"timesteps must be in [0, {num_timesteps - 1}], got {list(timesteps)}")
-    alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
-    # (schedules' own constructor of respaced chains, the one respace calls)
-    return schedules._schedule(keep, alpha_bar[keep], alpha_bar)
 
 
 def _check_steps(steps, num_timesteps: int) -> None:

@@ -298,3 +298,16 @@ def respace(name: str, num_timesteps: int, num_steps: int, spacing: str = "unifo
     alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
     keep = respaced_timesteps(num_timesteps, num_steps, spacing, alpha_bar)
     return _schedule(keep, alpha_bar[keep], alpha_bar)
+
+
+def on_timesteps(name: str, num_timesteps: int, timesteps) -> Schedule:
+    """The training schedule ``(name, T)`` walked on the given training ``timesteps`` (distinct,
+    decreasing: the noisiest first, e.g. ``(999, 600, 300, 0)``): the chain :func:`respace`
+    builds when its spacing places the same timesteps, so both give the same samples."""
+    keep = np.asarray(timesteps, np.int64)[::-1]  # a schedule's rows go from the data upwards
+    if keep.ndim != 1 or keep.size == 0 or np.any(np.diff(keep) <= 0):
+        raise ValueError(f"timesteps must be distinct and decreasing, got {list(timesteps)}")
+    if keep[0] < 0 or keep[-1] > _check_num_timesteps(num_timesteps) - 1:
+        raise ValueError(f"timesteps must be in [0, {num_timesteps - 1}], got {list(timesteps)}")
+    alpha_bar = np.cumprod(1.0 - get_betas(name, num_timesteps))
+    return _schedule(keep, alpha_bar[keep], alpha_bar)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from exact import mixture_eps, mixture_params
 
-from diffusion_jax import guidance, plans, samplers, solvers
+from diffusion_jax import guidance, plans, samplers, schedules, solvers
 from diffusion_jax.config import get_config
 from diffusion_jax.plans import SamplingPlan
 from diffusion_jax.samplers import sample
@@ -100,7 +100,7 @@ def test_guidance_applies_only_inside_the_interval(mixture):
     whole = draw(mixture, sched, solver="ddim", w=2.0, guidance_scale=scale)
     head = draw(mixture, sched, solver="ddim", w=0.0, num_snapshots=6)
     x_row2 = head.snapshots[3]  # after 3 steps: the state at row 1, timestep 50
-    tail_sched = plans.timestep_schedule("cosine", T, (50, 0))
+    tail_sched = schedules.on_timesteps("cosine", T, (50, 0))
     tail = draw(mixture, tail_sched, solver="ddim", w=2.0, x_init=x_row2)
     np.testing.assert_allclose(whole.samples, tail.samples, atol=1e-6)
     assert not np.allclose(whole.samples, head.samples, atol=1e-3)  # guidance did act
@@ -138,7 +138,7 @@ def test_explicit_timesteps_give_the_respaced_chain(mixture, spacing):
     alpha_bar = np.cumprod(1.0 - get_betas("cosine", T))
     grid = tuple(int(v) for v in respaced_timesteps(T, 7, spacing, alpha_bar)[::-1])
     respaced = respace("cosine", T, 7, spacing)
-    explicit = plans.timestep_schedule("cosine", T, grid)
+    explicit = schedules.on_timesteps("cosine", T, grid)
     for a, b in zip(jax.tree.leaves(respaced), jax.tree.leaves(explicit), strict=True):
         np.testing.assert_array_equal(a, b)
     by_grid = SamplingPlan("dpmpp2m", 7, timesteps=grid)
