@@ -87,6 +87,19 @@ def train_program(config, dataset, mesh=None, num_shards: int = 1):
     return steps_fn, sharding.replicate(state, mesh), train_x, train_y
 
 
+def threaded(step, state, *rest):
+    """A zero-argument runner of ``step(state, *rest) -> (state, outputs)`` returning
+    ``outputs``, each call fed the state the previous one returned: the train step donates its
+    input state, so the same state cannot be passed twice (each call does the same work)."""
+    box = [state]
+
+    def run():
+        box[0], outputs = step(box[0], *rest)
+        return outputs
+
+    return run
+
+
 def step_runner(config, dataset):
     """``(run, num_params)``: ``run()`` takes one optimizer step of ``config`` on ``dataset``
     (as :func:`diffusion_jax.training.train` does) and returns its loss once it is computed."""
@@ -94,10 +107,9 @@ def step_runner(config, dataset):
 
     step_fn, state, train_x, train_y = train_program(config, dataset)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    box = [state]
+    step = threaded(step_fn, state, train_x, train_y, 1)
 
     def run() -> float:
-        box[0], sums = step_fn(box[0], train_x, train_y, 1)
-        return float(jax.block_until_ready(sums["loss"]))
+        return float(jax.block_until_ready(step()["loss"]))
 
     return run, num_params

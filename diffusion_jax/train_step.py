@@ -11,6 +11,7 @@ order is drawn once per dispatch rather than as a permutation of the data set in
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import jax
@@ -93,11 +94,15 @@ def make_train_steps(config, mesh=None, num_shards: int = 1):
 
     @functools.wraps(program)
     def train_steps(state, train_x, train_y, num_steps):
-        if not isinstance(num_steps, jax.core.Tracer) and not 1 <= int(num_steps) <= limit:
+        try:
+            n = operator.index(num_steps)
+        except TypeError:  # traced (inside a caller's jit): the caller keeps to the limit
+            n = None
+        if n is not None and not 1 <= n <= limit:
             # (past the limit the dispatch's data orders would not cover its steps)
             raise ValueError(
-                f"num_steps={int(num_steps)}: one dispatch takes 1 to steps_per_dispatch="
-                f"{limit} steps; split the steps over several calls"
+                f"num_steps={n}: one dispatch takes 1 to steps_per_dispatch={limit} steps; "
+                "split the steps over several calls"
             )
         return program(state, train_x, train_y, num_steps)
 
@@ -239,4 +244,4 @@ def _make_train_steps(config, mesh, num_shards):
             chunks = (num_steps + chunk - 1) // chunk
             return jax.lax.fori_loop(0, chunks, run_chunk, (state, zeros))
 
-    return jax.jit(train_steps)
+    return jax.jit(train_steps, donate_argnums=0)

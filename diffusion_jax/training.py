@@ -234,9 +234,11 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
     window = hooks.MetricsWindow(start, learning_rate(config), config.batch_size)
     sinks = []
     step, interrupted, streak, pending = start, False, 0, None
-    # The first dispatch is one step; later ones as many as fit in dispatch.SECONDS, in whole
-    # chunks of the program's inner loop (train_step.chunk_steps), at most per_dispatch.
-    cap, chunk = 1, train_step.chunk_steps(per_dispatch)
+    # The first dispatch is one chunk of the program's inner loop (train_step.chunk_steps: one
+    # straight-line step on the CPU), which it computes whatever its count; later ones as many
+    # whole chunks as fit in dispatch.SECONDS, at most per_dispatch.
+    chunk = train_step.chunk_steps(per_dispatch)
+    cap = chunk
     try:
         if run.is_main:
             sinks = hooks.sinks(
@@ -266,7 +268,8 @@ def _loop(run: runs.Run, model, mngr, state, *, progress, tensorboard) -> TrainR
                 # with many multi-device dispatches queued (jax 0.10.2).
                 queued = time.perf_counter()  # (after the call: compiling is not timed)
                 dispatch.wait_ready(sums)
-                cap = dispatch.next_steps(cap, time.perf_counter() - queued, n)
+                computed = -(-n // chunk) * chunk  # (the steps past n were computed too)
+                cap = dispatch.next_steps(cap, time.perf_counter() - queued, computed)
                 step += n
                 window.add(sums)
                 for sink in sinks:

@@ -217,7 +217,7 @@ def test_toy2d_run_and_scatter_plot(tmp_path):
         workdir, preset="toy2d", overrides=overrides, progress=False, tensorboard=False
     )
     assert int(result.state.step) == 4
-    paths = generation.sample_to_files(workdir, per_class=20, steps=5)
+    paths = generation.sample_to_files(workdir, {"steps": 5}, per_class=20)
     assert sorted(paths) == ["samples", "toy2d"]
     npz = np.load(paths["samples"])
     assert npz["samples"].shape == (100, 2) and npz["samples"].dtype == np.float32
@@ -250,9 +250,10 @@ def test_sigint_writes_a_checkpoint_and_stops(tmp_path, tiny_data):
     workdir = str(tmp_path / "sigint")
     before = signal.getsignal(signal.SIGINT)  # (SIG_IGN when pytest runs in the background)
     result = train_signalled_at_start(workdir, tiny_data, signal.SIGINT)
-    # The first dispatch is a single step (later ones fit dispatch.SECONDS).
-    assert result.interrupted and int(result.state.step) == 1
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["1"]
+    # The first dispatch is one chunk: the tiny preset's 2 steps per dispatch (later ones fit
+    # dispatch.SECONDS).
+    assert result.interrupted and int(result.state.step) == 2
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
 
