@@ -46,6 +46,7 @@ _EXPORTS = {
     "SPACINGS": "schedules",
     "Schedule": "schedules",
     "make_schedule": "schedules",
+    "on_timesteps": "schedules",
     "respace": "schedules",
     "UNet": "unet",
 }
@@ -84,6 +85,7 @@ __all__ = [
     "diffusion_loss",
     "drop_labels",
     "make_schedule",
+    "on_timesteps",
     "q_posterior",
     "q_sample",
     "respace",

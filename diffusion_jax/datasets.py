@@ -102,9 +102,7 @@ REGISTRY: dict[str, DatasetSpec] = {
     for spec in (
         # name, load(data_dir), num_classes, kind, min_accuracy[, needs_data_dir]
         DatasetSpec("mnist", lambda d: load_tfds("mnist", d), 10, "image", 0.99),
-        DatasetSpec(
-            "fashion_mnist", lambda d: load_tfds("fashion_mnist", d), 10, "image", 0.9
-        ),
+        DatasetSpec("fashion_mnist", lambda d: load_tfds("fashion_mnist", d), 10, "image", 0.9),
         DatasetSpec("mnist5k", lambda d: load_mnist5k(), 10, "image", 0.97),
         # no floor, unless the folder is recognised as another entry (see RECOGNISED)
         DatasetSpec("idx", lambda d: load_idx_folder(d), 10, "image", None, IDX_FOLDER),

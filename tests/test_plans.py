@@ -113,8 +113,15 @@ def test_schedule_weights_reach_each_step(mixture):
     plan = SamplingPlan("ddim", 6, w=1.5, guidance_schedule="linear")
     options = plan.chain_options(sched, T)
     call = samplers.prepare_chain(
-        mixture_eps, mixture, sched, jax.random.PRNGKey(0), (N, 2), num_classes=3,
-        labels=np.arange(N) % 3, solver="ddim", **options,
+        mixture_eps,
+        mixture,
+        sched,
+        jax.random.PRNGKey(0),
+        (N, 2),
+        num_classes=3,
+        labels=np.arange(N) % 3,
+        solver="ddim",
+        **options,
     )
     w_rows = np.asarray(call.args[4])
     np.testing.assert_allclose(w_rows[:, 0], 1.5 * 2 * (1 - t / (T - 1)), rtol=1e-6)
@@ -210,9 +217,10 @@ def test_plan_settings_and_tag():
     assert quantile.tag() == "ddim5_x0threshold_q0.9"
     guided = SamplingPlan("ddim", 50, guidance_interval=(100, 800), guidance_schedule="linear")
     assert guided.tag() == "ddim50_gi100,800_glinear"
-    assert SamplingPlan("ddim", 50).chain_options(respace("cosine", T, 50), T)[
-        "guidance_scale"
-    ] is None  # constant guidance everywhere: the plain chain
+    assert (
+        SamplingPlan("ddim", 50).chain_options(respace("cosine", T, 50), T)["guidance_scale"]
+        is None
+    )  # constant guidance everywhere: the plain chain
 
 
 def test_sample_is_prepare_chain_run(mixture):

@@ -57,9 +57,8 @@ def test_eta_outside_0_1_is_refused_before_the_checkpoint(tmp_path, capsys):
 
 
 def test_nonfinite_samples_name_the_unusual_settings():
-    from diffusion_jax.config import get_config
-
     from diffusion_jax import plans
+    from diffusion_jax.config import get_config
 
     config = get_config("tiny")
     unusual = plans.resolve(config, solver="ddim", steps=10, w=50.0, eta=0.5, x0="none")
@@ -142,7 +141,8 @@ def test_a_killed_sample_call_leaves_nothing_and_the_rerun_works(toy_run, tmp_pa
     assert done.returncode != 0
     visible = [n for n in os.listdir(out) if not n.startswith(".")]
     assert visible == []  # neither the plot nor the .npz
-    paths = generation.sample_to_files(toy_run, dict(steps=4), per_class=2, out=out)  # no --overwrite
+    # (no --overwrite)
+    paths = generation.sample_to_files(toy_run, dict(steps=4), per_class=2, out=out)
     assert sorted(os.listdir(out)) == sorted(os.path.basename(p) for p in paths.values())
 
 
