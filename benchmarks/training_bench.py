@@ -55,6 +55,16 @@ def step_flops(compiled, num_devices: int) -> float | None:
     return None if flops is None else flops * num_devices
 
 
+def unrolled(compiled_flops: float | None, lowered_flops: float | None) -> bool:
+    """Whether the compiled program counts more than the traced one: the dispatch's loop over a
+    chunk of steps (static trip count) unrolled by the compiler, which XLA may do on a GPU, so
+    that its cost analysis counts several steps. The traced program counts each loop body once.
+    """
+    if not compiled_flops or not lowered_flops:
+        return False
+    return compiled_flops > 1.5 * lowered_flops
+
+
 def bench_train(preset: str, dtype: str, batch: int, args, mesh, report: Report) -> dict:
     """Time one training configuration; returns a row's values."""
     import jax
@@ -76,11 +86,19 @@ def bench_train(preset: str, dtype: str, batch: int, args, mesh, report: Report)
     compiled, compile_s = compile_timed(fn, state, train_x, train_y, count)
     label = f"train {preset} {dtype} batch {batch}"
     report.compiles.append((f"{label} ({steps} step(s)/dispatch)", compile_s))
+    traced = flops_of(fn.lower(state, train_x, train_y, count))  # (no compile: a sanity check)
     # Each run takes the state the last one returned (the step donates its input state).
     median, runs = median_seconds(
         threaded(compiled, state, train_x, train_y, count), args.repeats, args.warmup
     )
     flops_step = step_flops(compiled, mesh.devices.size)
+    if unrolled(flops_step and flops_step / mesh.devices.size, traced):
+        report.add(
+            f"**Warning ({label}):** the compiled dispatch counts {flops_step:.3g} FLOPs per "
+            f"step against {traced * mesh.devices.size:.3g} in the traced program (its loop "
+            "unrolled?): the FLOPs columns of this row use the traced count."
+        )
+        flops_step = traced * mesh.devices.size
     steps_per_s = steps / median
     return dict(
         preset=preset,

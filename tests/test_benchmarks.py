@@ -185,3 +185,12 @@ def test_flops_check_warns_when_samplers_disagree_per_step():
     warning = flops_check(types.SimpleNamespace(step_flops=counted))
     assert "not per step" in warning and "guided batch 1: ddpm 2000, ddim 2.004" in warning
     assert "unguided" not in warning
+
+
+def test_a_training_row_whose_compiled_loop_counts_several_steps_is_caught():
+    """XLA counts a loop body once; a GPU compiler that unrolls the dispatch's chunk loop would
+    make the compiled count several steps, which the row then replaces by the traced count."""
+    from benchmarks.training_bench import unrolled
+
+    assert unrolled(10.0e9, 1.0e9) and unrolled(1.6e9, 1.0e9)
+    assert not unrolled(1.006e9, 1.0e9) and not unrolled(None, 1.0e9) and not unrolled(1e9, None)
