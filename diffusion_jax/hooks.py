@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from diffusion_jax import images, sharding
+from diffusion_jax import generation, images, outputs, sharding
 
 logger = logging.getLogger("diffusion_jax.training")
 
@@ -152,14 +152,14 @@ def drop_records_after(path: str, step: int) -> None:
         backup, n = path + ".bak", 1
         while os.path.exists(backup):  # an earlier backup is never replaced
             backup, n = f"{path}.bak{n}", n + 1
-        with images.written(backup) as tmp, open(tmp, "wb") as f:
+        with outputs.written(backup) as tmp, open(tmp, "wb") as f:
             f.writelines(lines)
         logger.warning(
             f"{path}: {damaged} line(s) are not JSON records (damaged bytes or a line cut short "
             f"by a crash) and were dropped; the file as it was is kept in {backup}"
         )
     if len(keep) != len(lines):
-        with images.written(path) as tmp, open(tmp, "wb") as f:
+        with outputs.written(path) as tmp, open(tmp, "wb") as f:
             f.writelines(keep)
 
 
@@ -231,8 +231,6 @@ def sinks(workdir: str, start: int, total: int, *, progress: bool, tensorboard: 
 def sample_grid_writer(config, model, sample_shape: tuple, mesh):
     """``fn(ema_params, path)`` writing a class-ordered grid of 8 samples per class, sampled over
     the mesh by every process and written by process 0; None for 2-D point data."""
-    from diffusion_jax import generation
-
     if len(sample_shape) != 3:
         return None
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffusion_jax.data import to_unit_range
-from diffusion_jax.outputs import written  # (re-exported: images.written is used by hooks)
+from diffusion_jax.outputs import written
 
 
 def to_uint8(x) -> np.ndarray:

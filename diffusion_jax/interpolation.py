@@ -100,7 +100,7 @@ def class_morph(
     """Frames of ``classes[0]`` morphing into ``classes[1]``, then into ``classes[2]``...:
     ``frames`` per transition plus the last class, (N, *data_shape), all from the one starting
     noise that ``key`` gives. ``sample_kw`` go to :func:`~diffusion_jax.samplers.sample` (choose
-    a deterministic ``solver``: ``ddim`` or ``dpmpp2m``)."""
+    a deterministic ``solver``: any but ``ddpm``, ``ddim`` with ``eta = 0``)."""
     samplers.check_labels(np.asarray(classes, np.int64), num_classes - 1)
     start, end, mix = morph_path(classes, frames)
     key_noise, key_chain = jax.random.split(key)

@@ -26,6 +26,7 @@ from diffusion_jax import (
     outputs,
     plans,
     samplers,
+    solvers,
 )
 from diffusion_jax.plans import SamplingPlan
 
@@ -73,7 +74,8 @@ def _deterministic(workdir, what, fn, arg, check, kinds, plan, *, frames, seed, 
     ``check(config)`` has vetted the request."""
     ckpt, plan, schedule = _open(workdir, plan, "dpmpp2m")
     if plan.solver == "ddpm":
-        raise ValueError(f"a {what} needs a deterministic sampler (--sampler ddim or dpmpp2m)")
+        others = ", ".join(name for name in solvers.SOLVERS if name != "ddpm")
+        raise ValueError(f"a {what} needs a deterministic sampler (--sampler one of {others})")
     check(ckpt.config)
     name = f"step{ckpt.step}_{kinds.pop('name')}_f{frames}_{plan.tag()}_w{plan.w:g}_seed{seed}"
     paths = _outputs(workdir, out, name, kinds, overwrite)

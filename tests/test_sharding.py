@@ -34,14 +34,14 @@ SCRIPT = textwrap.dedent(
     # 9 samples: padded to a multiple of the device count, then cut back
     model, mesh = models.build_model(result.config), sharding.data_mesh()
     samples = generation.generate(result.config, model, result.state.ema_params, (2,),
-                                  np.arange(9) % 5, jax.random.PRNGKey(3), steps=10, w=1.0,
-                                  mesh=mesh)
+                                  np.arange(9) % 5, jax.random.PRNGKey(3),
+                                  dict(steps=10, w=1.0), mesh=mesh)
     out = {"samples": sharding.to_host(samples.samples).tolist(),
            "params": [np.asarray(x).tolist() for x in
                       jax.tree_util.tree_leaves(result.state.params)]}
     if jax.process_count() == 1:  # per-sample w and snapshots, with and without the mesh
         kw = dict(num_classes=5, labels=np.arange(9) % 5, w=np.linspace(0, 2, 9),
-                  method="ddpm", num_snapshots=3)
+                  solver="ddpm", num_snapshots=3)
         args = (models.denoiser(model), result.state.ema_params, respace("cosine", 50, 10),
                 jax.random.PRNGKey(4), (9, 2))
         one, split = samplers.sample(*args, **kw), samplers.sample(*args, mesh=mesh, **kw)
@@ -267,10 +267,10 @@ def test_batch_and_shards_must_divide_over_devices():
     ],
 )
 def test_incomplete_distributed_flags(flags, match):
-    from diffusion_jax import cli
+    from diffusion_jax.commands import flags as command_flags
 
     args = argparse.Namespace(
         distributed=False, coordinator_address=None, num_processes=None, process_id=None
     )
     with pytest.raises(ValueError, match=match):
-        cli.start_distributed(argparse.Namespace(**{**vars(args), **flags}))
+        command_flags.start_distributed(argparse.Namespace(**{**vars(args), **flags}))

@@ -81,14 +81,14 @@ DEFAULT_MODULES = (
 # The tests run against each module's mutants (pytest node ids or files, relative to the root).
 # Chosen narrowly: each pytest run pays jax's import and the compilation of what it touches.
 MODULE_TESTS = {
-    "schedules": ["tests/test_schedules.py", "tests/test_diffusion.py"],
+    "schedules": ["tests/test_schedules.py", "tests/test_diffusion.py", "tests/test_solvers.py"],
     "diffusion": ["tests/test_diffusion.py", "tests/test_losses.py"],
     "losses": ["tests/test_losses.py"],
     # the batch padding of a sharded chain is exercised only with a mesh of several devices
     "samplers": ["tests/test_samplers.py", "tests/test_sharding.py::test_eight_devices_match_one"],
     "guidance": ["tests/test_plans.py", "tests/test_samplers.py::test_guidance_combination"],
     "plans": ["tests/test_plans.py", "tests/test_commands.py::test_sampling_flags_become_one_plan"],
-    "solvers": ["tests/test_samplers.py"],
+    "solvers": ["tests/test_samplers.py", "tests/test_solvers.py"],
     "metrics": ["tests/test_metrics.py"],
     "embeddings": [
         "tests/test_networks.py::test_sinusoidal_embedding_closed_form",
@@ -97,7 +97,11 @@ MODULE_TESTS = {
         "tests/test_networks.py::test_unet_shapes_and_zero_init",
     ],
     "optimization": ["tests/test_optimizer.py"],
-    "train_step": ["tests/test_optimizer.py", "tests/test_training.py::test_loop_equals_steps"],
+    "train_step": [
+        "tests/test_optimizer.py",
+        "tests/test_stopping.py::"
+        "test_the_loop_program_crosses_epochs_as_single_steps_do_with_no_host_round_trip",
+    ],
     "hooks": ["tests/test_hooks.py"],
     "classifier": [
         "tests/test_evaluation.py::test_the_classifier_recipe_is_pinned",

@@ -56,7 +56,7 @@ def add_sampler_flags(parser: argparse.ArgumentParser) -> None:
         choices=SPACINGS,
         default=None,
         help="where a shortened chain's steps go (default: the sampler's own: uniform for "
-        "ddpm and ddim, see the README for dpmpp2m)",
+        "ddpm and ddim, logsnr for the multistep solvers; see the README)",
     )
     group.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     group.add_argument(
