@@ -29,7 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from diffusion_jax import checkpoints, data, dispatch, distillation, generation, hooks, models
+from diffusion_jax import (
+    checkpoints,
+    data,
+    datasets,
+    dispatch,
+    distillation,
+    generation,
+    hooks,
+    models,
+)
 from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.schedules import make_schedule
@@ -153,11 +162,30 @@ def distill(
         "settings": dataclasses.asdict(settings),
     }
     _check_out(out, record)
+    _warn_eps_student(settings.student_prediction or tconfig.prediction, tconfig, grid)
     with workdir_lib.workdir_lock(out):
         with open(os.path.join(out, RECORD), "w") as f:
             json.dump(record, f, indent=1)
-        dataset = dataset or data.load_dataset(tconfig)
+        dataset = dataset or datasets.load_dataset(tconfig)
         return _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after)
+
+
+def _plain(tree):
+    """``tree``'s arrays copied onto the default device without a mesh sharding."""
+    return jax.tree_util.tree_map(jnp.asarray, jax.device_get(tree))
+
+
+def _warn_eps_student(prediction: str, config, grid) -> None:
+    """Warn when an eps-predicting student starts where sqrt(abar) is tiny: its x0 there,
+    (z - sigma eps) / alpha, is its eps error times 1 / alpha, and that level's x0 loss swamps
+    the others (Salimans & Ho's reason for v-prediction)."""
+    alpha = float(distillation.levels(config.schedule, config.num_timesteps, grid[:1]).alpha[0])
+    if prediction == "eps" and alpha < 0.05:
+        logger.warning(
+            f"the students predict eps, and at the first level (t={int(grid[0])}) sqrt(abar) = "
+            f"{alpha:.1e}: their x0 there is their eps error times {1 / alpha:.0e}, which the "
+            "x0 loss cannot fit; consider --student_prediction v"
+        )
 
 
 def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> DistillResult:
@@ -175,7 +203,9 @@ def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> 
     data_x = jnp.asarray(dataset.train_x, jnp.float32)
     data_y = jnp.asarray(dataset.train_y, jnp.int32)
     base = jax.random.PRNGKey(settings.seed)
-    teacher_params, done, last = teacher.params, 0, None
+    # (as host arrays: Orbax restores them with a mesh sharding, and a step fed a mix of
+    # placements compiles a second time at its second call)
+    teacher_params, done, last = _plain(teacher.params), 0, None
     for r in range(settings.rounds):
         steps = settings.start_steps // 2 ** (r + 1)
         rec = _round_record(r, grid, settings, teacher_path, steps)
@@ -198,7 +228,7 @@ def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> 
                 restored, ema = checkpoints.restore_train(
                     mngr, directory, saved, part, state.ema_params
                 )
-                state = distillation.TrainState(ema_params=ema, **restored)
+                state = _plain(distillation.TrainState(ema_params=ema, **restored))
             if int(state.step) < settings.steps_per_round:
                 teacher_grid = distillation.student_grid(grid, 2 * steps)
                 levels = distillation.levels(tconfig.schedule, tconfig.num_timesteps, teacher_grid)

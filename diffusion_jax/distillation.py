@@ -244,35 +244,45 @@ def truncated_snr_weight(alpha, sigma):
     return jnp.maximum(jnp.square(alpha) / jnp.square(sigma), 1.0)
 
 
-def distill_loss(
-    student: Predictor,
-    student_params,
-    teacher: Predictor,
-    teacher_params,
-    schedule,
-    teacher_levels: Levels,
-    x_data,
-    labels,
-    key,
+class Batch(NamedTuple):
+    """A distillation batch: z (B, ...) at the student's levels, their timesteps t (B,), labels
+    (B,), weights w (B,), the targets x~ (B, ...) and the loss weights max(SNR, 1) (B,)."""
+
+    z: jnp.ndarray
+    t: jnp.ndarray
+    labels: jnp.ndarray
+    w: jnp.ndarray
+    target: jnp.ndarray
+    weight: jnp.ndarray
+
+
+def distill_batch(
+    teacher: Predictor, teacher_params, schedule, teacher_levels: Levels, x_data, labels, key,
     w_range: tuple[float, float],
-):
-    """The truncated-SNR weighted x0 loss of a batch x_data (B, ...), labels (B,): a student
-    level, a noise and a w ~ U[w_min, w_max] per example from ``key``. Returns (loss, aux) with
-    aux the batch's per-example (weight, error) for inspection."""
+) -> Batch:
+    """The :class:`Batch` of data x_data (B, ...), labels (B,): a student level, a noise and a
+    w ~ U[w_min, w_max] per example from ``key``, and the teacher's targets. It does not depend
+    on the student, so the step computes it outside the gradient."""
     k_level, k_eps, k_w = jax.random.split(key, 3)
     batch = x_data.shape[0]
-    num_levels = (teacher_levels.timesteps.shape[0]) // 2  # the student's steps
+    num_levels = teacher_levels.timesteps.shape[0] // 2  # the student's steps
     i = jax.random.randint(k_level, (batch,), 0, num_levels)
     w = jax.random.uniform(k_w, (batch,), minval=w_range[0], maxval=w_range[1])
     j = 2 * i
     alpha, sigma = teacher_levels.alpha[j], teacher_levels.sigma[j]
     z = ddim_move(x_data, jax.random.normal(k_eps, x_data.shape), alpha, sigma)
     target, _ = distill_target(teacher, teacher_params, schedule, teacher_levels, z, i, labels, w)
-    target = jax.lax.stop_gradient(target)
-    x0, _ = student(student_params, schedule, z, teacher_levels.timesteps[j], labels, w)
-    error = jnp.mean(jnp.square(x0 - target).reshape(batch, -1), axis=1)
-    weight = truncated_snr_weight(alpha, sigma)
-    return jnp.mean(weight * error), (weight, error)
+    return Batch(
+        z, teacher_levels.timesteps[j], labels, w, target, truncated_snr_weight(alpha, sigma)
+    )
+
+
+def student_loss(student: Predictor, params, schedule, b: Batch):
+    """The truncated-SNR weighted x0 loss, mean over the batch of max(SNR, 1) times the mean
+    squared error of the student's x0 against the target: a float32 scalar."""
+    x0, _ = student(params, schedule, b.z, b.t, b.labels, b.w)
+    error = jnp.mean(jnp.square(x0 - b.target).reshape(x0.shape[0], -1), axis=1)
+    return jnp.mean(b.weight * error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,20 +307,33 @@ def graft(teacher_params, student_params):
 
 def init_state(settings: DistillSettings, params) -> TrainState:
     """Step 0 of a round: copies of ``params`` (the step donates its state's buffers, and
-    ``params`` may be the teacher's) as parameters and EMA, and a fresh optimiser state."""
+    ``params`` may be the teacher's) as parameters and EMA, and a fresh optimiser state. Made
+    by one jitted program (not leaf by leaf)."""
+    return _init_program(settings)(params)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_program(settings: DistillSettings):
     optimizer = make_optimizer(settings)
-    params = jax.tree_util.tree_map(jnp.array, params)
-    copy = jax.tree_util.tree_map(jnp.array, params)
-    return TrainState(
-        step=jnp.int32(0), params=params, opt_state=optimizer.init(params), ema_params=copy
-    )
+
+    @jax.jit
+    def init(params):
+        params = jax.tree_util.tree_map(jnp.copy, params)
+        ema = jax.tree_util.tree_map(jnp.copy, params)
+        return TrainState(
+            step=jnp.int32(0), params=params, opt_state=optimizer.init(params), ema_params=ema
+        )
+
+    return init
 
 
+@functools.lru_cache(maxsize=8)
 def make_distill_step(settings: DistillSettings, student: Predictor, teacher: Predictor):
     """A jitted ``step(state, teacher_params, schedule, teacher_levels, data_x, data_y,
     base_key) -> (state, metrics)``: one optimiser step on a batch drawn (with replacement) from
     data_x (M, ...), data_y (M,); every draw from ``fold_in(base_key, state.step)``, so a
-    resumed round repeats an uninterrupted one. ``metrics``: loss and gradient norm (float32)."""
+    resumed round repeats an uninterrupted one. ``metrics``: loss and gradient norm (float32).
+    Cached per (settings, student, teacher), so a resumed run in the same process reuses it."""
     optimizer = make_optimizer(settings)
     w_range = (float(settings.w_min), float(settings.w_max))
 
@@ -318,16 +341,14 @@ def make_distill_step(settings: DistillSettings, student: Predictor, teacher: Pr
         key = jax.random.fold_in(base_key, state.step)
         k_data, k_loss = jax.random.split(key)
         idx = jax.random.randint(k_data, (settings.batch_size,), 0, data_x.shape[0])
-        x, y = data_x[idx], data_y[idx]
-
-        def loss_fn(params):
-            loss, _ = distill_loss(
-                student, params, teacher, teacher_params, schedule, teacher_levels, x, y,
-                k_loss, w_range,
-            )
-            return loss
-
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        # (the teacher's batch does not depend on the student: outside the gradient)
+        batch = distill_batch(
+            teacher, teacher_params, schedule, teacher_levels, data_x[idx], data_y[idx], k_loss,
+            w_range,
+        )
+        loss, grads = jax.value_and_grad(lambda p: student_loss(student, p, schedule, batch))(
+            state.params
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = ema_decay_at(state.step, settings.ema_decay)

@@ -324,3 +324,53 @@ def test_bad_inputs(teacher_run, tmp_path):
         distill_rounds.distill(out, folder, dataclasses.replace(SMALL, seed=1), dataset=ds)
     with pytest.raises(checkpoints.CheckpointError, match="not a distilled student"):
         distill_rounds.load_student(folder)
+
+
+def test_command_interrupt_resume_and_errors(teacher_run, tmp_path):
+    """distill.py: a bad flag value is one line and exit 2; SIGINT writes a checkpoint and exits
+    130; the same command resumes from it; other flags in the same workdir are refused; an eps
+    student starting at alpha ~ 0 is warned about."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, _ = teacher_run
+    script = os.path.join(os.path.dirname(__file__), "..", "distill.py")
+    out = str(tmp_path / "out")
+    common = [sys.executable, script, "--teacher", folder, "--workdir", out, "--start_steps", "8",
+              "--rounds", "1", "--batch_size", "8", "--log_every", "1", "--checkpoint_every",
+              "1000"]
+    bad = subprocess.run(common + ["--w_min", "3", "--w_max", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "w range is reversed" in bad.stderr
+    assert not os.path.exists(out)
+    long = common + ["--steps_per_round", "100000"]
+
+    def interrupted_run(after: str) -> str:
+        """The output of ``long`` sent SIGINT once a line containing ``after`` is printed."""
+        proc = subprocess.Popen(long, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if after in line:
+                time.sleep(0.5)
+                proc.send_signal(signal.SIGINT)
+                break
+        text = "".join(seen) + proc.communicate(timeout=300)[0]
+        assert proc.returncode == 130, text
+        assert "checkpoint written" in text and "run the same command again" in text
+        return text
+
+    text = interrupted_run("round 0: step 2/")
+    assert "consider --student_prediction v" in text
+    folder_ = os.path.join(out, "round_0", "checkpoints")
+    saved = max(int(d) for d in os.listdir(folder_) if d.isdigit())
+    assert saved >= 2
+    # the same command resumes from the checkpoint the signal wrote
+    text = interrupted_run(f"round 0: step {saved + 1}/")
+    assert f"8 -> 4 steps, step {saved}/100000" in text
+    # other flags: refused, nothing changed
+    again = subprocess.run(common + ["--steps_per_round", "4"], capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 2 and "different settings (steps_per_round)" in again.stderr
