@@ -46,6 +46,7 @@ from diffusion_jax import diffusion
 from diffusion_jax.config import check_seed
 from diffusion_jax.guidance import guided_output
 from diffusion_jax.optimization import ema_decay_at, make_optimizer
+from diffusion_jax.samplers import initial_noise
 from diffusion_jax.schedules import get_betas, respaced_timesteps
 from diffusion_jax.train_step import TrainState
 
@@ -375,7 +376,7 @@ def sample(predict: Predictor, params, schedule, chain: Levels, key, labels, w, 
     student's :func:`predictor` (with clipping, as the samplers clip); noise from ``key``."""
     batch = labels.shape[0]
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
-    z = jax.random.normal(key, (batch, *data_shape), jnp.float32)
+    z, _ = initial_noise(key, (batch, *data_shape))  # the samplers' noise for the same key
     ones = jnp.ones((batch,), jnp.int32)
 
     def one(z, n):

@@ -11,7 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoints, distill_rounds, distillation, models, train_step
+from diffusion_jax import (
+    checkpoints,
+    distill_rounds,
+    distillation,
+    models,
+    samplers,
+    schedules,
+    train_step,
+)
 from diffusion_jax import config as config_lib
 from diffusion_jax.data import Dataset
 from diffusion_jax.mlp import MLPDenoiser
@@ -284,7 +292,7 @@ def test_sampler_is_ddim_on_the_students_grid(teacher_run, tmp_path):
     labels, key = np.array([0, 5, 8]), jax.random.PRNGKey(4)
     got = np.asarray(distill_rounds.sample_student(st, labels, 0.7, key))
     abar = np.cumprod(1 - get_betas(st.config.schedule, 40))
-    z = np.asarray(jax.random.normal(key, (3, 2)), np.float64)
+    z = np.asarray(jax.random.normal(jax.random.split(key)[0], (3, 2)), np.float64)
     levels = list(abar[st.timesteps]) + [1.0]
     for n, t in enumerate(st.timesteps):
         out_ = st.model.apply({"params": st.params}, jnp.asarray(z, jnp.float32),
@@ -294,6 +302,17 @@ def test_sampler_is_ddim_on_the_students_grid(teacher_run, tmp_path):
         eps = (z - np.sqrt(a) * x0) / np.sqrt(1 - a)
         z = np.sqrt(levels[n + 1]) * x0 + np.sqrt(1 - levels[n + 1]) * eps
     np.testing.assert_allclose(got, z, atol=1e-4)
+    # the project's DDIM on the student's time grid, the network fed w: the same samples (what
+    # a "distilled" entry of the solver registry has to wire up)
+    def fed(params, x, t, y):
+        return st.model.apply({"params": params}, x, t, y, w=jnp.full(x.shape[0], 0.7))
+
+    chain = samplers.prepare_chain(
+        fed, st.params, schedules.on_timesteps(st.config.schedule, 40, st.timesteps), key,
+        (3, 2), num_classes=8, labels=labels,
+        settings=samplers.SamplerSettings(solver="ddim", prediction=st.config.prediction),
+    )
+    np.testing.assert_allclose(np.asarray(chain.run().samples), got, atol=1e-5)
 
 
 def test_bad_inputs(teacher_run, tmp_path):
