@@ -83,8 +83,7 @@ def _check_out(out: str, record: dict) -> None:
                 k for k in set(old.get("settings", {})) | set(record["settings"])
                 if old.get("settings", {}).get(k) != record["settings"].get(k)
             )
-            if old.get("teacher") != record["teacher"]:
-                diff.insert(0, "teacher")
+            diff = [k for k in ("teacher", "teacher_step") if old.get(k) != record[k]] + diff
             raise workdir_lib.WorkdirError(
                 f"{out!r} holds a distillation run with different settings ({', '.join(diff)}): "
                 "nothing was changed. Resume it with its own flags, or choose a new --workdir."
