@@ -53,7 +53,9 @@ def test_the_entry_points_name_the_commands_run_functions():
 
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         scripts = tomllib.load(f)["project"]["scripts"]
-    assert sorted(scripts) == ["diffusion-evaluate", "diffusion-sample", "diffusion-train"]
+    assert sorted(scripts) == [
+        "diffusion-distill", "diffusion-evaluate", "diffusion-sample", "diffusion-train"
+    ]
     for name, target in scripts.items():
         module, _, function = target.partition(":")
         assert module == f"diffusion_jax.commands.{name.removeprefix('diffusion-')}"
