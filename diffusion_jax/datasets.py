@@ -125,6 +125,8 @@ def get(name: str) -> DatasetSpec:
 RECOGNISED = {
     # Fashion-MNIST's t10k-labels-idx1-ubyte (as Debian's dataset-fashion-mnist ships it)
     "3d0e6c6ea990b53b6f8f500a41cac93881d981b315f84578b7d915342ade01e9": "fashion_mnist",
+    # mnist5k's 500 test labels, as tools/export_mnist5k.py writes them (the GPU machine's data)
+    "8de0b582c713e53a90cabd60e81bbe500254595a5d2c86f51418be4728b22a98": "mnist5k",
 }
 
 
