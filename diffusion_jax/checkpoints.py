@@ -66,12 +66,15 @@ def check_space(directory: str, trees, step: int) -> None:
         )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data_shape) -> None:
+def save(
+    mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data_shape, extra_meta=None
+) -> None:
     """Start an (asynchronous) save; call ``mngr.wait_until_finished()`` before exiting.
 
-    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling. Waits
-    for the previous save, then refuses (OSError) before writing anything if the disk is nearly
-    full.
+    ``data_shape`` is the shape of one example, e.g. (28, 28, 1), recorded for sampling.
+    ``extra_meta`` (a JSON-able dict, e.g. distillation's ``{"distill": record}``) is added to
+    the meta record. Waits for the previous save, then refuses (OSError) before writing anything
+    if the disk is nearly full.
     """
     # The previous save may still be writing in the background: measure the space it leaves.
     mngr.wait_until_finished()
@@ -82,6 +85,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, ema_params, config, data
         "step": int(step),
         "config": config_lib.to_dict(config),
         "data_shape": [int(d) for d in data_shape],
+        **(extra_meta or {}),
     }
     mngr.save(
         int(step),

@@ -97,31 +97,6 @@ def _check_out(out: str, record: dict) -> None:
         raise workdir_lib.WorkdirError(f"--workdir {out!r} is a file, not a folder")
 
 
-def _save(mngr, step, state, config, data_shape, record) -> None:
-    """An Orbax checkpoint laid out as :func:`checkpoints.save` lays it out, its meta carrying
-    the ``distill`` record (checkpoints.save takes no extra meta)."""
-    mngr.wait_until_finished()
-    part = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-    checkpoints.check_space(str(mngr.directory), (part, state.ema_params), step)
-    meta = {
-        "project": checkpoints.PROJECT,
-        "format": checkpoints.FORMAT_VERSION,
-        "step": int(step),
-        "config": config_lib.to_dict(config),
-        "data_shape": [int(d) for d in data_shape],
-        "distill": record,
-    }
-    mngr.save(
-        int(step),
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(part),
-            ema=ocp.args.StandardSave(state.ema_params),
-            meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-    )
-
-
 def _round_record(r, grid, settings, teacher_path, steps) -> dict:
     return {
         "round": r,
@@ -283,7 +258,10 @@ def _loop(settings, mngr, folder, r, rec, sconfig, data_shape, state, args, step
                 )
                 losses = []
             if step % settings.checkpoint_every == 0 or step == end or stopping:
-                _save(mngr, step, state, sconfig, data_shape, rec)
+                # What resuming restores (load_student); the EMA params are saved apart, as training does.
+                part = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+                extra = {"distill": rec}
+                checkpoints.save(mngr, step, part, state.ema_params, sconfig, data_shape, extra)
             if stopping:
                 why = f"signal {stop.signal}" if stop.signal is not None else "stop_after"
                 logger.info(f"round {r}: stopped by {why} at step {step}; checkpoint written")
