@@ -258,7 +258,7 @@ def _loop(settings, mngr, folder, r, rec, sconfig, data_shape, state, args, step
                 )
                 losses = []
             if step % settings.checkpoint_every == 0 or step == end or stopping:
-                # What resuming restores (load_student); the EMA params are saved apart, as training does.
+                # What resuming restores (load_student); the EMA is saved apart, as in training.
                 part = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
                 extra = {"distill": rec}
                 checkpoints.save(mngr, step, part, state.ema_params, sconfig, data_shape, extra)
