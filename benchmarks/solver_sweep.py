@@ -271,14 +271,16 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from diffusion_jax import cli
     from diffusion_jax.commands import errors
 
-    cli.start("solver_sweep.py")
     with errors.clean_errors("solver_sweep.py"):
         run(parse_args(sys.argv[1:] if argv is None else argv))
     return 0
 
 
 if __name__ == "__main__":
+    from diffusion_jax import cli
+
+    # (here, not in main: cli.start reconfigures logging, which a test calling main must keep)
+    cli.start("solver_sweep.py")
     sys.exit(main())
