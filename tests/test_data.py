@@ -313,7 +313,6 @@ def test_an_idx_folder_is_known_by_its_test_labels_not_its_name(idx_folder, monk
     assert datasets.min_accuracy(ds) == datasets.REGISTRY["fashion_mnist"].min_accuracy == 0.90
 
 
-@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="no dataset-fashion-mnist package")
 def test_mnist5k_exported_as_idx_is_recognised_as_mnist5k():
     """The IDX export a GPU machine trains on gets mnist5k's classifier floor."""
     labels = datasets.load_mnist5k().test_y
@@ -321,6 +320,7 @@ def test_mnist5k_exported_as_idx_is_recognised_as_mnist5k():
     assert datasets.recognise(np.roll(labels, 1)) is None
 
 
+@pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="no dataset-fashion-mnist package")
 def test_debian_fashion_mnist_test_labels_are_recognised():
     labels = datasets.read_idx(os.path.join(DEBIAN_FASHION, "t10k-labels-idx1-ubyte.gz"))
     assert datasets.recognise(labels) == "fashion_mnist"
