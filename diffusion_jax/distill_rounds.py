@@ -1,6 +1,6 @@
 """Distillation rounds on disk: :func:`distill` runs (or resumes) the rounds of
-:mod:`diffusion_jax.distillation` from a trained teacher checkpoint, and :func:`load_student`
-opens a round's student for sampling.
+:mod:`diffusion_jax.distillation` from a trained teacher checkpoint. The students are sampled
+like any checkpoint (``generation.load_for_sampling``, with the ``distilled`` solver).
 
 Layout of ``OUT``: ``distill.json`` (the teacher and the settings; a different run is refused),
 and per round r (0-based) ``round_r/checkpoints/STEP/{state,ema,meta}`` (Orbax, as training
@@ -27,7 +27,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from diffusion_jax import (
     checkpoints,
@@ -39,13 +38,12 @@ from diffusion_jax import (
     hooks,
     models,
 )
-from diffusion_jax import config as config_lib
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.schedules import make_schedule
 
 logger = logging.getLogger("diffusion_jax.training")
 
-RECORD = "distill.json"
+RECORD = checkpoints.DISTILL_RECORD
 
 
 class DistillResult(NamedTuple):
@@ -55,21 +53,6 @@ class DistillResult(NamedTuple):
     path: str | None
     rounds_done: int
     interrupted: bool
-
-
-class Student(NamedTuple):
-    """A distilled student opened for sampling (:func:`load_student`)."""
-
-    config: config_lib.Config  # the teacher's, with the student's prediction
-    model: object  # the Flax module, with the w-embedding
-    params: object  # EMA parameters
-    data_shape: tuple[int, ...]
-    timesteps: np.ndarray  # (steps,) its levels, noisiest first
-    record: dict  # the checkpoint's "distill" record
-
-
-def round_dir(out: str, r: int) -> str:
-    return os.path.join(out, f"round_{r}")
 
 
 def _check_out(out: str, record: dict) -> None:
@@ -183,7 +166,7 @@ def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> 
     for r in range(settings.rounds):
         steps = settings.start_steps // 2 ** (r + 1)
         rec = _round_record(r, grid, settings, teacher_path, steps)
-        folder = round_dir(out, r)
+        folder = checkpoints.round_folder(out, r)
         mngr = checkpoints.manager(os.path.join(folder, checkpoints.SUBDIR), max_to_keep=2)
         try:
             key = jax.random.fold_in(base, r)
@@ -258,7 +241,7 @@ def _loop(settings, mngr, folder, r, rec, sconfig, data_shape, state, args, step
                 )
                 losses = []
             if step % settings.checkpoint_every == 0 or step == end or stopping:
-                # What resuming restores (load_student); the EMA is saved apart, as in training.
+                # What resuming restores; the EMA (what is sampled) is saved apart, as in training.
                 part = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
                 extra = {"distill": rec}
                 checkpoints.save(mngr, step, part, state.ema_params, sconfig, data_shape, extra)
@@ -268,34 +251,3 @@ def _loop(settings, mngr, folder, r, rec, sconfig, data_shape, state, args, step
                 return state, True
     logger.info(f"round {r} done: {rec['steps']}-step student in {folder}")
     return state, False
-
-
-def load_student(path: str) -> Student:
-    """The EMA student of a round folder (``OUT/round_r``, or one of its checkpoint folders)."""
-    mngr, directory, step, config, data_shape = checkpoints.open_for_sampling(path)
-    try:
-        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        rec = meta.get("distill") if isinstance(meta, dict) else None
-        if not rec:
-            raise checkpoints.CheckpointError(
-                f"{path!r} is not a distilled student (its checkpoint has no distill record): "
-                "sample it with sample.py, or pass an OUT/round_R folder of distill.py"
-            )
-        model = models.build_model(config, guidance_embedding=True)
-        target = models.abstract_params(model, (1, *data_shape))
-        params = checkpoints.restore_ema(mngr, directory, step, target)
-    finally:
-        mngr.close()
-    return Student(config, model, params, tuple(data_shape), np.asarray(rec["timesteps"]), rec)
-
-
-def sample_student(student: Student, labels, w: float, key, clip=(-1.0, 1.0)):
-    """Samples (len(labels), *data_shape) of a loaded student at guidance weight ``w``."""
-    config = student.config
-    predict = distillation.predictor(models.denoiser(student.model), config.prediction, clip)
-    chain = distillation.levels(config.schedule, config.num_timesteps, student.timesteps)
-    schedule = make_schedule(config.schedule, config.num_timesteps)
-    labels = jnp.asarray(labels, jnp.int32)
-    return distillation.sample(
-        predict, student.params, schedule, chain, key, labels, w, tuple(student.data_shape)
-    )

@@ -1,5 +1,6 @@
 """Guided progressive distillation (Salimans & Ho 2022, arXiv 2202.00512; Meng et al. 2023,
-arXiv 2210.03142): the mathematics, the compiled distillation step and the distilled sampler.
+arXiv 2210.03142): the mathematics and the compiled distillation step (the students are sampled
+by the ``distilled`` solver of :mod:`diffusion_jax.solvers`).
 The rounds, their checkpoints and resuming are in :mod:`diffusion_jax.distill_rounds`.
 
 Notation. A chain of n steps visits n noise *levels* (training timesteps, noisiest first), then
@@ -46,7 +47,6 @@ from diffusion_jax import diffusion
 from diffusion_jax.config import check_seed
 from diffusion_jax.guidance import guided_output
 from diffusion_jax.optimization import ema_decay_at, make_optimizer
-from diffusion_jax.samplers import initial_noise
 from diffusion_jax.schedules import get_betas, respaced_timesteps
 from diffusion_jax.train_step import TrainState
 
@@ -362,27 +362,3 @@ def make_distill_step(settings: DistillSettings, student: Predictor, teacher: Pr
         return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=(0,))
-
-
-# ---------------------------------------------------------------------------------------------
-# The distilled sampler
-
-
-@functools.partial(jax.jit, static_argnames=("predict", "data_shape"))
-def sample(predict: Predictor, params, schedule, chain: Levels, key, labels, w, data_shape):
-    """Samples (B, *data_shape) of an n-step distilled student: DDIM (eta = 0) over ``chain``'s
-    levels (:func:`levels` of its timesteps) with the student's (x0, eps) at guidance weight
-    ``w`` (scalar or (B,)), one network call per step and no doubled batch. ``predict`` is the
-    student's :func:`predictor` (with clipping, as the samplers clip); noise from ``key``."""
-    batch = labels.shape[0]
-    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (batch,))
-    z, _ = initial_noise(key, (batch, *data_shape))  # the samplers' noise for the same key
-    ones = jnp.ones((batch,), jnp.int32)
-
-    def one(z, n):
-        x0, eps = predict(params, schedule, z, chain.timesteps[n] * ones, labels, w)
-        move = ddim_move(x0, eps, chain.alpha[n + 1] * ones, chain.sigma[n + 1] * ones)
-        return move, None
-
-    z, _ = jax.lax.scan(one, z, jnp.arange(chain.timesteps.shape[0]))
-    return z

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from diffusion_jax import classifier as classifier_lib
-from diffusion_jax import data, datasets, generation, metrics, outputs, solvers
+from diffusion_jax import data, datasets, generation, metrics, outputs, plans, solvers
 from diffusion_jax.cli import parse_list
 from diffusion_jax.evaluation_plots import plot_sweep
 from diffusion_jax.plans import SamplingPlan
@@ -56,6 +56,8 @@ def parse_samplers(text: str, num_timesteps: int) -> list[SamplerSpec]:
                 f"--samplers: unknown sampler {solver!r} in {part!r} "
                 f"(one of {tuple(solvers.SOLVERS)})"
             )
+        if solvers.get(solver).student and not steps:
+            raise ValueError(f"--samplers: {solver} needs its step count, e.g. {solver}:4")
         try:
             k = int(steps) if steps else solvers.default_steps(solver, num_timesteps)
         except ValueError:
@@ -170,8 +172,19 @@ def sweep(
 ) -> list[dict]:
     """Guidance sweep (``guidance_plans``: one solver and step count, several ``w``) and step
     sweep (``step_plans``: several solvers and step counts at one ``w``) of the checkpoint in
-    ``workdir``; writes ``out``/results.{md,json} and plots, all or nothing."""
-    ckpt = generation.load_for_sampling(workdir)
+    ``workdir``; writes ``out``/results.{md,json} and plots, all or nothing. A distillation
+    run's folder as ``workdir``: each ``distilled`` plan samples the student of its steps."""
+    opened = {}  # a distillation run's students, by steps
+
+    def open_for(plan: SamplingPlan):
+        steps = plan.steps if solvers.get(plan.solver).student else None
+        if steps not in opened:
+            opened[steps] = generation.open_checkpoint(workdir, plan)[0]
+        return opened[steps]
+
+    for plan in [*guidance_plans, *step_plans]:  # every plan fits its checkpoint, before any run
+        plans.for_checkpoint(open_for(plan), plan)
+    ckpt = open_for(guidance_plans[0] if guidance_plans else step_plans[0])
     config = ckpt.config
     if len(ckpt.data_shape) != 3:
         raise ValueError("evaluation applies to image data sets, not toy2d")
@@ -201,7 +214,9 @@ def sweep(
         chunks = []
         for i in range(0, len(labels), batch_size):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), i)
-            result = generation.generate(*ckpt[:4], labels[i : i + batch_size], key, plan)
+            result = generation.generate(
+                *open_for(plan)[:4], labels[i : i + batch_size], key, plan
+            )
             chunks.append(np.asarray(result.samples))
         row = {
             "sampler": plan.solver,
@@ -226,7 +241,7 @@ def sweep(
         bar.close()
     header = {
         "workdir": os.path.abspath(workdir),
-        "checkpoint_step": ckpt.step,
+        "checkpoint_step": ckpt.step,  # (of a distillation run: the first plan's round's)
         "dataset": dataset.name,
         "classifier_test_accuracy": clf.test_accuracy,
         "per_class": per_class,

@@ -62,6 +62,12 @@ def generate(
     if mesh is None and jax.local_device_count() > 1:
         mesh = sharding.data_mesh(jax.local_devices())
     plan = plans.for_config(config, plan)
+    if solvers.get(plan.solver).student != bool(getattr(model, "guidance_embedding", False)):
+        raise ValueError(
+            f"--sampler {plan.solver} does not fit this network (a distilled student takes w as "
+            "an input and is sampled with --sampler distilled only): resolve the plan with "
+            "plans.for_checkpoint(checkpoint, ...)"
+        )
     labels = np.asarray(labels)
     n = len(labels)
     if batch_size is not None and batch_size < 1:
@@ -110,18 +116,34 @@ def generate(
     )
 
 
-def load_for_sampling(path: str) -> checkpoints.Checkpoint:
+def load_for_sampling(path: str, steps: int | None = None) -> checkpoints.Checkpoint:
     """The :class:`~diffusion_jax.checkpoints.Checkpoint` (config, model, EMA parameters,
-    example shape, step) of a workdir or a checkpoint folder. Only the EMA parameters are read
-    (not the optimizer state)."""
-    mngr, directory, step, config, data_shape = checkpoints.open_for_sampling(path)
+    example shape, step, distill record) of a workdir or a checkpoint folder. Only the EMA
+    parameters are read (not the optimizer state). A distillation run's folder gives the
+    student of ``steps`` steps (default: its fewest), see ``checkpoints.student_path``."""
+    path = checkpoints.student_path(path, steps)
+    mngr, directory, step, config, data_shape, record = checkpoints.open_for_sampling(path)
     try:
-        model = models.build_model(config)
+        model = models.build_model(config, guidance_embedding=record is not None)
         target = models.abstract_params(model, (1, *data_shape))
         params = checkpoints.restore_ema(mngr, directory, step, target)
     finally:
         mngr.close()
-    return checkpoints.Checkpoint(config, model, params, tuple(data_shape), step)
+    return checkpoints.Checkpoint(config, model, params, tuple(data_shape), step, record)
+
+
+def open_checkpoint(
+    path: str, plan: SamplingPlan | dict | None = None, **defaults
+) -> tuple[checkpoints.Checkpoint, SamplingPlan]:
+    """``(checkpoint, plan)``: :func:`load_for_sampling` of ``path`` (a distillation run's
+    round chosen by the plan's steps) and ``plan`` resolved for it
+    (:func:`~diffusion_jax.plans.for_checkpoint`, ``defaults`` filling what it leaves open)."""
+    if isinstance(plan, SamplingPlan):
+        steps = plan.steps
+    else:
+        steps = {**defaults, **(plan or {})}.get("steps")
+    ckpt = load_for_sampling(path, steps)
+    return ckpt, plans.for_checkpoint(ckpt, plan, **defaults)
 
 
 def sample_to_files(
@@ -150,9 +172,8 @@ def sample_to_files(
     """
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
-    ckpt = load_for_sampling(workdir)
+    ckpt, plan = open_checkpoint(workdir, plan)
     config, data_shape = ckpt.config, ckpt.data_shape
-    plan = plans.for_config(config, plan)
     is_2d = len(data_shape) == 1
     if not is_2d and frames < 2:
         raise ValueError(f"--frames must be >= 2 (the GIF shows noise to samples), got {frames}")

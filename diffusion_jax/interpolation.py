@@ -46,10 +46,11 @@ def class_mixing(denoise_fn):
     """A denoiser with the signature the samplers expect whose ``params`` are
     ``{"net": params, "other": (B,) int, "mix": (B,) float}``: each row's output is
     (1 - mix) out(x, t, label) + mix out(x, t, other). Rows asking for the null label (the
-    unconditional half of a guided batch, which is twice as long) pass through unmixed. Cached,
-    so the samplers see the same object and do not recompile."""
+    unconditional half of a guided batch, which is twice as long) pass through unmixed. Other
+    keywords (a student's ``w``, (B,)) go to both calls. Cached, so the samplers see the same
+    object and do not recompile."""
 
-    def mixed(params, x, t, labels):
+    def mixed(params, x, t, labels, **kw):
         other, mix = params["other"], params["mix"]
         reps = x.shape[0] // other.shape[0]  # 2 inside a guided step
         other, mix = jnp.tile(other, reps), jnp.tile(mix, reps)
@@ -59,6 +60,7 @@ def class_mixing(denoise_fn):
             jnp.concatenate([x, x]),
             jnp.concatenate([t, t]),
             jnp.concatenate([labels, jnp.where(null, labels, other)]),
+            **{k: jnp.concatenate([v, v]) for k, v in kw.items()},
         ).astype(jnp.float32)
         first, second = both[: x.shape[0]], both[x.shape[0] :]
         m = jnp.where(null, 0.0, mix).reshape((-1,) + (1,) * (x.ndim - 1))

@@ -18,12 +18,15 @@ column of evaluation tables), which names the same thing.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import numpy as np
 
 from diffusion_jax import guidance, samplers, solvers
 from diffusion_jax.schedules import SPACINGS, Schedule, max_steps, on_timesteps, respace
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +144,7 @@ class SamplingPlan:
         (the guidance weight aside), e.g. ``dpmpp2m20`` or ``ddim50_eta0.5_quadratic_x0none``."""
         solver = solvers.get(self.solver)
         tag = solver.tag(self.steps, self.eta)
-        if self.timesteps is not None:
+        if self.timesteps is not None and not solver.student:  # a student's grid is its own
             tag += "_t" + "-".join(map(str, self.timesteps))
         elif self.spacing != solver.spacing:
             tag += f"_{self.spacing}"
@@ -166,6 +169,7 @@ def resolve(
     spacing: str | None = None,
     timesteps=None,
     w: float | None = None,
+    student: dict | None = None,
     **fields,
 ) -> SamplingPlan:
     """The plan for a model trained with ``config``, defaults filled in and checked.
@@ -173,8 +177,17 @@ def resolve(
     solver: the config's ``sampler``. steps: the config's ``sample_steps`` when the solver is the
     config's own, else the solver's default (all T steps for ``ddpm``), never more than the
     spacing can place. spacing: the one the solver is meant for (``Solver.spacing``). w: the
-    config's ``guidance``. ``fields``: the other :class:`SamplingPlan` fields.
+    config's ``guidance``. ``fields``: the other :class:`SamplingPlan` fields. ``student``: the
+    ``distill`` record of a distilled student (``Checkpoint.distill``), which is sampled with
+    the ``distilled`` solver (the default then) on its own time grid (:func:`student_plan`).
     """
+    if student is not None or (solver is not None and solvers.get(solver).student):
+        if timesteps is not None or spacing is not None:
+            raise ValueError(
+                "a distilled student walks the time grid it was distilled for: drop --timesteps "
+                "and --spacing"
+            )
+        return student_plan(config, student, solver=solver, steps=steps, w=w, **fields)
     solver = config.sampler if solver is None else solver
     spacing = solvers.get(solver).spacing if spacing is None else spacing
     T = config.num_timesteps
@@ -198,15 +211,80 @@ def resolve(
     return plan.check(T)
 
 
-def for_config(config, plan: SamplingPlan | dict | None = None, **defaults) -> SamplingPlan:
+def student_plan(
+    config, student: dict | None, *, solver=None, steps=None, w=None, **fields
+) -> SamplingPlan:
+    """The plan of a distilled student (``student``: its ``distill`` record): the ``distilled``
+    solver on the record's timesteps, deterministic, with w (default: the config's) fed to the
+    network. ValueError for what a student cannot do (another solver, another step count, eta,
+    a guidance interval or schedule); a warning for w outside the range it learnt."""
+    solver = "distilled" if solver is None else solver
+    _check_student_solver(solver, student)
+    n = int(student["steps"])
+    if steps is not None and int(steps) != n:
+        raise ValueError(
+            f"this student takes {n} steps, not {steps}: pass the distillation run's folder as "
+            "--workdir, and --steps picks its round"
+        )
+    refused = {
+        "--eta": fields.get("eta", 0.0) != 0,
+        "--guidance_interval": fields.get("guidance_interval") is not None,
+        "--guidance_schedule": fields.get("guidance_schedule", "constant") != "constant",
+    }
+    if any(refused.values()):
+        raise ValueError(
+            f"a distilled student's steps are deterministic and it takes one w for the whole "
+            f"chain: drop {', '.join(k for k, v in refused.items() if v)}"
+        )
+    w = config.guidance if w is None else w
+    lo, hi = float(student["w_min"]), float(student["w_max"])
+    if not lo <= w <= hi:
+        logger.warning(f"w={w:g} is outside [{lo:g}, {hi:g}], the weights this student learnt")
+    plan = SamplingPlan(solver, n, timesteps=tuple(student["timesteps"]), w=w, **fields)
+    return plan.check(config.num_timesteps)
+
+
+def for_config(
+    config, plan: SamplingPlan | dict | None = None, student: dict | None = None, **defaults
+) -> SamplingPlan:
     """``plan`` for a model trained with ``config``: a :class:`SamplingPlan` (checked against
     it), a dict of :func:`resolve`'s keywords (e.g. ``{"solver": "ddim", "steps": 50}``), or
-    None: :func:`resolve` with ``defaults`` (which a dict's keywords override)."""
+    None: :func:`resolve` with ``defaults`` (which a dict's keywords override). ``student``: the
+    model's ``distill`` record if it is a distilled student (:func:`for_checkpoint` passes it)."""
     if isinstance(plan, SamplingPlan):
+        if student is not None:  # (a student's plan without its record: generate checks
+            _check_student_solver(plan.solver, student)  # that the network takes w)
+            if plan.timesteps != tuple(student["timesteps"]):
+                raise ValueError(
+                    f"the plan's timesteps {plan.timesteps} are not the student's "
+                    f"{tuple(student['timesteps'])}: resolve the plan with for_checkpoint"
+                )
         return plan.check(config.num_timesteps)
     if plan is not None and not isinstance(plan, dict):
         raise TypeError(f"plan must be a SamplingPlan, a dict or None, got {type(plan).__name__}")
-    return resolve(config, **{**defaults, **(plan or {})})
+    return resolve(config, student=student, **{**defaults, **(plan or {})})
+
+
+def for_checkpoint(ckpt, plan: SamplingPlan | dict | None = None, **defaults) -> SamplingPlan:
+    """:func:`for_config` for a :class:`~diffusion_jax.checkpoints.Checkpoint` (a distilled
+    student's record included; a student's own solver and steps replace ``defaults``')."""
+    if ckpt.distill is not None:
+        defaults = {k: v for k, v in defaults.items() if k not in ("solver", "steps")}
+    return for_config(ckpt.config, plan, ckpt.distill, **defaults)
+
+
+def _check_student_solver(solver: str, student: dict | None) -> None:
+    """ValueError unless a student's solver samples a student's checkpoint and no other."""
+    if student is None:
+        raise ValueError(
+            f"--sampler {solver} samples a distilled student: pass a distill.py run (or one of "
+            "its round_R folders) as --workdir"
+        )
+    if not solvers.get(solver).student:
+        raise ValueError(
+            f"this checkpoint is a distilled {student['steps']}-step student, which only "
+            f"--sampler distilled can sample (not {solver})"
+        )
 
 
 def _check_steps(steps, num_timesteps: int) -> None:

@@ -145,7 +145,11 @@ def reverse_step(
     same key.
     """
     t = jnp.full((x.shape[0],), schedule.timesteps[k], jnp.int32)
-    out = guided_output(denoise_fn, params, x, t, labels, w[k], null_label, guided)
+    if settings.solver.student:  # w is the network's input: one call, no doubled batch
+        w_k = jnp.broadcast_to(w[k], t.shape)
+        out = denoise_fn(params, x, t, labels, w=w_k).astype(jnp.float32)
+    else:
+        out = guided_output(denoise_fn, params, x, t, labels, w[k], null_label, guided)
     kk = jnp.full((x.shape[0],), k)
     x0, eps = diffusion.to_x0_eps(
         schedule, settings.prediction, out, x, kk, settings.clip, settings.threshold
@@ -360,9 +364,11 @@ def prepare_chain(
             f"got {settings.num_snapshots!r}"
         )
     w_rows = _row_weights(w, guidance_scale, schedule.num_steps, shape[0])
-    guided = bool(np.any(w_rows != 0))
+    weighted = bool(np.any(w_rows != 0))
+    # a student takes w as an input: no unconditional branch to compile
+    guided = weighted and not settings.solver.student
     if labels is None:
-        if guided:
+        if weighted:
             raise ValueError("guidance (w > 0) needs labels; pass labels or set w=0")
         labels = jnp.full((shape[0],), num_classes, jnp.int32)
     check_labels(labels, num_classes, shape[0])

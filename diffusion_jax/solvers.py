@@ -41,6 +41,10 @@ multistep one). :mod:`diffusion_jax.samplers` runs any of them inside the same j
   even-step weights of order min(4, steps taken + 1): y_{k-1} = y_k + (rho_{k-1} - rho_k)
   sum_j c_j eps_hat_{k+j} (c = 1; 3/2, -1/2; 23/12, -16/12, 5/12; 55/24, -59/24, 37/24, -9/24).
   Order one is DDIM; the last step is x0_hat.
+* ``distilled``: a distilled student's own chain (:mod:`diffusion_jax.distillation`): DDIM with
+  eta = 0 on the time grid the student was distilled for, the guidance weight w fed to the
+  network as an input (one call per step, no doubled batch). It needs a student checkpoint
+  (``distill.py``); :func:`diffusion_jax.plans.resolve` takes its grid from the checkpoint.
 
 Which row is first or last, and the order of a multistep step, are decided with ``jnp.where``,
 never ``lax.cond`` (a conditional inside a scan stalls GPUs).
@@ -90,6 +94,8 @@ class Solver:
     ``default_steps``: the chain length to use when none is asked for (None = every training
     step); ``spacing``: the respacing it is meant to run on (``schedules.SPACINGS``);
     ``stochastic``: whether it draws noise (and so whether ``eta`` or ``variance`` matter).
+    ``student``: it samples a distilled student, whose network takes w as an input, on the
+    student's own time grid (no spacing, no guidance interval or schedule).
     """
 
     name = ""
@@ -97,6 +103,7 @@ class Solver:
     default_steps: int | None = None
     spacing = "uniform"
     stochastic = False
+    student = False
 
     def init(self, x: jnp.ndarray):
         """The carry before the first step (a pytree; () when the rule keeps nothing)."""
@@ -321,10 +328,26 @@ class IPNDM(Solver):
         return jnp.where(k > 0, x_next, s.x0), history[:3]
 
 
+@dataclasses.dataclass(frozen=True)
+class Distilled(DDIM):
+    name = "distilled"
+    summary = "a distilled student's DDIM steps, w as its input (distill.py's checkpoints)"
+    default_steps: int | None = None
+    stochastic = False
+    student = True
+
+    def step(self, s: StepInput, carry):
+        # the student was trained to match its teacher's deterministic (eta = 0) steps
+        return super().step(s._replace(eta=jnp.zeros_like(s.eta)), carry)
+
+
 SOLVERS: dict[str, Solver] = {
-    s.name: s for s in (Ancestral(), DDIM(), DPMSolverPP2M(), DPMSolverPP3M(), UniPC(), IPNDM())
+    s.name: s
+    for s in (Ancestral(), DDIM(), DPMSolverPP2M(), DPMSolverPP3M(), UniPC(), IPNDM(), Distilled())
 }
 METHODS = tuple(SOLVERS)
+# the solvers of a model trained by train.py (all but a distilled student's)
+TRAINED = tuple(name for name, solver in SOLVERS.items() if not solver.student)
 # What sample.py uses when no --sampler is given: at its 20 steps it matched DDIM-50 on the
 # shipped model (docs/RESULTS.md).
 RECOMMENDED = "dpmpp2m"

@@ -24,7 +24,6 @@ from diffusion_jax import (
     interpolation,
     models,
     outputs,
-    plans,
     samplers,
     solvers,
 )
@@ -37,11 +36,10 @@ def _open(workdir: str, plan, solver: str, steps: int | None = None):
     """``(checkpoint, plan, schedule)`` for an image model: ``plan`` (a plan, a dict of
     ``plans.resolve`` keywords, or None) for the checkpoint's config, ``solver`` and ``steps``
     its defaults."""
-    ckpt = generation.load_for_sampling(workdir)
+    ckpt, plan = generation.open_checkpoint(workdir, plan, solver=solver, steps=steps)
     config = ckpt.config
     if len(ckpt.data_shape) != 3:
         raise ValueError("morphs, inpainting and interpolations are for image data, not toy2d")
-    plan = plans.for_config(config, plan, solver=solver, steps=steps)
     schedule = plan.schedule(config.schedule, config.num_timesteps)
     return ckpt, plan, schedule
 

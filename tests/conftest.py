@@ -43,3 +43,15 @@ def straight_run(tmp_path_factory, tiny_data):
 
     workdir = str(tmp_path_factory.mktemp("straight"))
     return workdir, training.train(workdir, dataset=tiny_data, **TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory, tiny_data):
+    """A one-epoch classifier of tiny_data, cached in a folder as evaluate.py caches one."""
+    from diffusion_jax import classifier
+
+    directory = str(tmp_path_factory.mktemp("clf"))
+    clf = classifier.train_classifier(tiny_data, epochs=1, feature_dim=8)
+    classifier.save(clf, directory, tiny_data.name)
+    return directory
+

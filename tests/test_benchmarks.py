@@ -116,13 +116,14 @@ def test_rows_stream_while_the_run_goes_on_and_the_budget_holds():
     first table row arrives while the process still runs, well before its last line; no row
     starts after --budget_s, and the rows not run are marked and listed. (On the H200 not one
     row had been printed after 120 s.)"""
-    # Startup (jax, the denoiser's init) took 6-19 s here, a row 1-8 s; the rows planned (9
-    # sampling, 4 unroll, 2 loop-vs-scan rows) take longer than the budget on any machine. No
-    # training row: its compile (35 s here) would make the test slow.
+    # Startup (jax, the denoiser's init) took 6-19 s here, a row 1-8 s; the rows planned (30
+    # sampling, 4 unroll, 2 loop-vs-scan rows) take longer than the budget on any machine (15
+    # rows once all ran in 26 s, so the budget had nothing to stop). No training row: its
+    # compile (35 s here) would make the test slow.
     budget = 25.0
     first_row_pattern = r"\| DPM-Solver\+\+\(2M\) \| \d+ \| 1 \| 1 \| \d"  # measured
     cmd = [sys.executable, "benchmarks/benchmark.py", "--gpu_quick", "--presets", "tiny",
-           "--sections", "sample,unroll,loop", "--sample_batch_sizes", "1,2,3",
+           "--sections", "sample,unroll,loop", "--sample_batch_sizes", "1,2,3,4,5,6,7,8,9,10",
            "--unroll_batch_size", "2", "--repeats", "1", "--budget_s", str(budget),
            "--out", "-"]  # fmt: skip
     start = time.monotonic()

@@ -15,9 +15,9 @@ from diffusion_jax import (
     checkpoints,
     distill_rounds,
     distillation,
+    generation,
     models,
-    samplers,
-    schedules,
+    plans,
     train_step,
 )
 from diffusion_jax import config as config_lib
@@ -212,7 +212,6 @@ def test_shipped_checkpoint_samples_as_before():
     commit 3896d73 (2 DDIM steps, labels 3 and 7, key 0) at XLA's default optimisation level;
     the tests compile at level 0, which moves them by up to 7e-5 relative (any change to the
     network would move them by O(1))."""
-    from diffusion_jax import generation
 
     path = os.path.join(os.path.dirname(__file__), "..", "pretrained", "mnist5k_cpu")
     ckpt = generation.load_for_sampling(path)
@@ -256,14 +255,14 @@ SMALL = distillation.DistillSettings(
 
 
 def _ema(out, r):
-    return distill_rounds.load_student(distill_rounds.round_dir(out, r)).params
+    return generation.load_for_sampling(checkpoints.round_folder(out, r)).params
 
 
 def test_resume_equals_uninterrupted(teacher_run, tmp_path):
     folder, ds = teacher_run
     straight = str(tmp_path / "straight")
     done = distill_rounds.distill(straight, folder, SMALL, dataset=ds)
-    assert done == (distill_rounds.round_dir(straight, 1), 2, False)
+    assert done == (checkpoints.round_folder(straight, 1), 2, False)
     split = str(tmp_path / "split")
     # stopped mid-round 0 (step 3: between checkpoints), then mid-round 1, then to the end
     assert distill_rounds.distill(split, folder, SMALL, dataset=ds, stop_after=3).interrupted
@@ -273,46 +272,80 @@ def test_resume_equals_uninterrupted(teacher_run, tmp_path):
         a, b = _ema(straight, r), _ema(split, r)
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    student = distill_rounds.load_student(distill_rounds.round_dir(straight, 1))
-    assert list(student.timesteps) == list(distillation.start_grid(40, 8)[::4])
-    assert student.record["steps"] == 2
-    samples = distill_rounds.sample_student(student, np.arange(4), 1.0, jax.random.PRNGKey(0))
+    student = generation.load_for_sampling(straight)  # a run's folder: its fewest steps
+    assert student.distill["timesteps"] == list(distillation.start_grid(40, 8)[::4])
+    assert student.distill["steps"] == 2 and student.model.guidance_embedding
+    plan = plans.for_checkpoint(student, {"w": 1.0})
+    assert (plan.solver, plan.steps, plan.tag()) == ("distilled", 2, "distilled2")
+    samples = generation.generate(*student[:4], np.arange(4), jax.random.PRNGKey(0), plan).samples
     assert samples.shape == (4, 2) and np.all(np.abs(np.asarray(samples)) <= 1.0)
 
 
-def test_sampler_is_ddim_on_the_students_grid(teacher_run, tmp_path):
-    """The distilled sampler equals DDIM written out in numpy on the student's x0, step by
-    step (one network call per step, w fed to the network)."""
+@pytest.fixture(scope="module")
+def one_round(teacher_run, tmp_path_factory):
+    """A finished one-round run (an 8 -> 4 step v-predicting student) of the toy teacher."""
     folder, ds = teacher_run
-    out = str(tmp_path / "one")
-    distill_rounds.distill(out, folder, dataclasses.replace(SMALL, rounds=1, steps_per_round=2),
-                           dataset=ds)
-    st = distill_rounds.load_student(distill_rounds.round_dir(out, 0))
-    assert list(st.timesteps) == list(distillation.start_grid(40, 8)[::2])
-    labels, key = np.array([0, 5, 8]), jax.random.PRNGKey(4)
-    got = np.asarray(distill_rounds.sample_student(st, labels, 0.7, key))
+    out = str(tmp_path_factory.mktemp("one") / "run")
+    settings = dataclasses.replace(SMALL, rounds=1, steps_per_round=2, student_prediction="v")
+    distill_rounds.distill(out, folder, settings, dataset=ds)
+    return out
+
+
+def test_distilled_solver_is_ddim_on_the_students_grid(one_round):
+    """``--sampler distilled`` equals DDIM (eta = 0) written out in float64 numpy on the
+    student's x0, step by step on its grid (one network call per step, w fed to the network)."""
+    st = generation.load_for_sampling(one_round, steps=4)
+    grid = list(distillation.start_grid(40, 8)[::2])
+    plan = plans.for_checkpoint(st, {"w": 0.7})
+    assert plan.timesteps == tuple(grid) and plan.steps == 4
+    labels, key = np.array([0, 3, 5]), jax.random.PRNGKey(4)  # 5: unconditional
+    got = np.asarray(generation.generate(*st[:4], labels, key, plan).samples)
     abar = np.cumprod(1 - get_betas(st.config.schedule, 40))
     z = np.asarray(jax.random.normal(jax.random.split(key)[0], (3, 2)), np.float64)
-    levels = list(abar[st.timesteps]) + [1.0]
-    for n, t in enumerate(st.timesteps):
+    levels = list(abar[grid]) + [1.0]
+    for n, t in enumerate(grid):
         out_ = st.model.apply({"params": st.params}, jnp.asarray(z, jnp.float32),
                               jnp.full(3, t), jnp.asarray(labels), w=jnp.full(3, 0.7))
-        a = levels[n]
-        x0 = np.clip((z - np.sqrt(1 - a) * np.asarray(out_)) / np.sqrt(a), -1, 1)  # eps model
-        eps = (z - np.sqrt(a) * x0) / np.sqrt(1 - a)
+        alpha, sigma = np.sqrt(levels[n]), np.sqrt(1 - levels[n])
+        x0 = np.clip(alpha * z - sigma * np.asarray(out_, np.float64), -1, 1)  # v = alpha eps -
+        eps = (z - alpha * x0) / sigma  # sigma x0, so x0 = alpha z - sigma v
         z = np.sqrt(levels[n + 1]) * x0 + np.sqrt(1 - levels[n + 1]) * eps
+    assert np.all(np.abs(z) < 0.99)  # (not saturated by the clipping, so the check has teeth)
     np.testing.assert_allclose(got, z, atol=1e-4)
-    # the project's DDIM on the student's time grid, the network fed w: the same samples (what
-    # a "distilled" entry of the solver registry has to wire up)
-    def fed(params, x, t, y):
-        return st.model.apply({"params": params}, x, t, y, w=jnp.full(x.shape[0], 0.7))
+    other_w = generation.generate(*st[:4], labels, key, plan.replace(w=0.0)).samples
+    assert not np.allclose(np.asarray(other_w), got, atol=1e-3)  # w reaches the network
 
-    chain = samplers.prepare_chain(
-        fed, st.params, schedules.on_timesteps(st.config.schedule, 40, st.timesteps), key,
-        (3, 2), num_classes=8, labels=labels,
-        settings=samplers.SamplerSettings(solver="ddim", prediction=st.config.prediction),
-    )
-    np.testing.assert_allclose(np.asarray(chain.run().samples), got, atol=1e-5)
+
+def test_distilled_plans_refuse_what_a_student_cannot_do(one_round, teacher_run, caplog):
+    st = generation.load_for_sampling(one_round)
+    config = st.config
+    for kw, match in (
+        (dict(steps=2), "takes 4 steps, not 2"),
+        (dict(eta=0.5), "drop --eta"),
+        (dict(guidance_interval=(0, 20)), "drop --guidance_interval"),
+        (dict(guidance_schedule="linear"), "drop --guidance_schedule"),
+        (dict(spacing="logsnr"), "drop --timesteps and --spacing"),
+        (dict(solver="ddim"), "only --sampler distilled can sample"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            plans.for_checkpoint(st, kw)
+    with pytest.raises(ValueError, match="samples a distilled student"):
+        plans.resolve(config, solver="distilled")
+    teacher = generation.load_for_sampling(teacher_run[0])
+    with pytest.raises(ValueError, match="samples a distilled student"):
+        plans.for_checkpoint(teacher, {"solver": "distilled"})
+    # a student's plan on the teacher's network, and a teacher's plan on the student's
+    plan = plans.for_checkpoint(st)
+    with pytest.raises(ValueError, match="does not fit this network"):
+        generation.generate(*teacher[:4], np.arange(2), jax.random.PRNGKey(0), plan)
+    with pytest.raises(ValueError, match="does not fit this network"):
+        generation.generate(*st[:4], np.arange(2), jax.random.PRNGKey(0),
+                            plans.resolve(config, solver="ddim", steps=4))
+    with pytest.raises(checkpoints.CheckpointError, match=r"students of \[4\] steps, not 8"):
+        generation.load_for_sampling(one_round, steps=8)
+    with caplog.at_level("WARNING", logger="diffusion_jax"):
+        plans.for_checkpoint(st, {"w": 3.0})
+    assert "outside [0, 2]" in caplog.text
 
 
 def test_bad_inputs(teacher_run, tmp_path):
@@ -341,8 +374,9 @@ def test_bad_inputs(teacher_run, tmp_path):
     distill_rounds.distill(out, folder, SMALL, dataset=ds, stop_after=1)
     with pytest.raises(checkpoints.CheckpointError, match=r"different settings \(seed\)"):
         distill_rounds.distill(out, folder, dataclasses.replace(SMALL, seed=1), dataset=ds)
-    with pytest.raises(checkpoints.CheckpointError, match="not a distilled student"):
-        distill_rounds.load_student(folder)
+    with pytest.raises(checkpoints.CheckpointError, match="has no student yet"):
+        generation.load_for_sampling(out)  # round 0 stopped at step 1 of 6
+    assert generation.load_for_sampling(checkpoints.round_folder(out, 0)).step == 1
 
 
 def test_command_interrupt_resume_and_errors(teacher_run, tmp_path):

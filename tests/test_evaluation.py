@@ -99,14 +99,6 @@ def test_random_shift_translates_each_image_within_range():
     np.testing.assert_array_equal(np.asarray(same), images)
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier_dir(tmp_path_factory, tiny_data):
-    directory = str(tmp_path_factory.mktemp("clf"))
-    clf = classifier.train_classifier(tiny_data, epochs=1, feature_dim=8)
-    classifier.save(clf, directory, tiny_data.name)
-    return directory
-
-
 def test_sweep_end_to_end(straight_run, tiny_classifier_dir, tmp_path, capsys):
     workdir, _ = straight_run
     out = str(tmp_path / "eval")

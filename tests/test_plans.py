@@ -59,7 +59,7 @@ def test_guidance_scale_closed_forms():
         guidance.guidance_scale(t, T, (150, 50))
 
 
-@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+@pytest.mark.parametrize("solver", solvers.TRAINED)
 def test_interval_covering_everything_is_plain_guidance(mixture, solver):
     sched = respace("cosine", T, 8)
     plain = draw(mixture, sched, solver=solver, w=2.0, eta=0.5)
@@ -68,7 +68,7 @@ def test_interval_covering_everything_is_plain_guidance(mixture, solver):
     np.testing.assert_array_equal(covered.samples, plain.samples)
 
 
-@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+@pytest.mark.parametrize("solver", solvers.TRAINED)
 def test_empty_interval_is_the_conditional_model(mixture, solver):
     """An interval holding none of the chain's timesteps: no guidance at all, the unconditional
     branch not even compiled (one denoiser call on the plain batch per step)."""
@@ -174,7 +174,7 @@ def test_resolve_fills_the_defaults_from_the_config():
     own = (config.sampler, config.sample_steps, config.guidance)
     assert (plan.solver, plan.steps, plan.w) == own
     assert plan.spacing == solvers.get(config.sampler).spacing and plan.x0 == "clip"
-    for name in solvers.SOLVERS:  # each solver's own steps and spacing when it is not the config's
+    for name in solvers.TRAINED:  # each solver's own steps and spacing when it is not the config's
         p = plans.resolve(config, solver=name)
         if name != config.sampler:
             assert p.steps == solvers.default_steps(name, config.num_timesteps)

@@ -68,7 +68,7 @@ def test_a_checkpoint_with_non_finite_values_is_refused(straight_run, tmp_path, 
     assert exit_info.value.code == 2 and "non-finite" in capsys.readouterr().err
     assert not out.exists() or os.listdir(out) == []
     # the fallback the message names works
-    assert generation.load_for_sampling(str(damaged / "checkpoints" / "8"))[-1] == 8
+    assert generation.load_for_sampling(str(damaged / "checkpoints" / "8")).step == 8
 
 
 def test_non_finite_samples_are_not_written(straight_run, tmp_path, monkeypatch):

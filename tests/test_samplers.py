@@ -136,7 +136,7 @@ def counting_denoiser(batches):
     return fn
 
 
-@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+@pytest.mark.parametrize("solver", solvers.TRAINED)
 def test_no_unconditional_pass_at_w0(solver):
     """One denoiser call per step: on the batch at w = 0, on the doubled batch with guidance."""
     sched = respace("cosine", 50, 5)
@@ -222,7 +222,7 @@ def test_determinism_and_snapshots(mixture):
     np.testing.assert_array_equal(one.snapshots[0], a.samples)  # a single frame is the result
 
 
-@pytest.mark.parametrize("solver, w", [("ddpm", 0.0)] + [(s, 2.0) for s in solvers.SOLVERS])
+@pytest.mark.parametrize("solver, w", [("ddpm", 0.0)] + [(s, 2.0) for s in solvers.TRAINED])
 def test_python_loop_and_unroll_match_the_scan(mixture, solver, w):
     """The benchmark's baselines compute the same chain: a Python loop over the jitted step, and
     the scan at another unroll factor."""
@@ -393,7 +393,7 @@ def test_dynamic_threshold_reaches_the_samples():
 
     sched = respace("cosine", 50, 5)
     kw = dict(num_classes=1, labels=np.zeros(2, np.int32), prediction="x0")
-    for solver in solvers.SOLVERS:  # every solver's last step, into the data, is x0_hat
+    for solver in solvers.TRAINED:  # every solver's last step, into the data, is x0_hat
         clipped = sample(fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), solver=solver, **kw)
         dynamic = sample(
             fixed_x0, {}, sched, jax.random.PRNGKey(0), (2, 2), solver=solver, threshold=1.0, **kw
@@ -403,7 +403,7 @@ def test_dynamic_threshold_reaches_the_samples():
         np.testing.assert_allclose(dynamic.samples, target / s[:, None], atol=1e-6)
 
 
-@pytest.mark.parametrize("solver", list(solvers.SOLVERS))
+@pytest.mark.parametrize("solver", solvers.TRAINED)
 def test_w_eta_labels_and_key_do_not_recompile(mixture, solver):
     T, params = mixture
     sched = respace("cosine", T, 10)

@@ -162,7 +162,7 @@ def test_global_error_order(name, grid, steps, slopes):
 
 # ------------------------------------------------------------------ registry contract
 
-NAMES = list(solvers.SOLVERS)
+NAMES = list(solvers.TRAINED)  # (the distilled solver: tests/test_distillation.py)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -218,6 +218,7 @@ def test_registry_drives_the_names():
         assert solvers.default_steps(name, 1000) == (solver.default_steps or 1000)
         assert solvers.get(name) is solver
     assert {"unipc", "dpmpp3m", "ipndm"} <= set(solvers.SOLVERS)
+    assert set(solvers.SOLVERS) - set(solvers.TRAINED) == {"distilled"}  # a student's only
     specs = evaluation.parse_samplers(",".join(f"{n}:10" for n in NAMES), 1000)
     assert [tuple(s) for s in specs] == [(n, 10) for n in NAMES]
 

@@ -86,7 +86,7 @@ def test_sample_script_writes_grid_gif_npz(straight_run, tmp_path, capsys):
 
 def test_sampling_is_reproducible(straight_run):
     workdir, _ = straight_run
-    config, model, params, shape, step = generation.load_for_sampling(workdir)
+    config, model, params, shape, step, _ = generation.load_for_sampling(workdir)
     assert step == 8 and shape == (8, 8, 1)
     labels = np.array([1, 2, 3])
     a = generation.generate(config, model, params, shape, labels, jax.random.PRNGKey(0))

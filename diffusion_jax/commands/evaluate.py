@@ -3,6 +3,8 @@
     python evaluate.py --workdir runs/mnist                         # default sweeps
     python evaluate.py --workdir runs/cpu --w 0,1,2 --samplers ddim:50,ddim:10 --per_class 100
     python evaluate.py --workdir runs/cpu --npz SAMPLES.npz          # samples from sample.py
+    python evaluate.py --workdir runs/distill --guidance_sampler distilled:4 \
+        --samplers distilled:1,distilled:2,distilled:4   # a distill.py run: its students
 
 Writes results.md, results.json and three plots (FD vs IS by w, accuracy vs w, FD vs NFE) to
 --out (default WORKDIR/eval). The classifier is trained on the run's data set on first use and
@@ -74,7 +76,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     args = parser.parse_args(argv)
     cli.setup_logging()
 
-    from diffusion_jax import checkpoints, evaluation, plans
+    from diffusion_jax import checkpoints, evaluation, plans, solvers
     from diffusion_jax import config as config_lib
 
     with errors.clean_errors(prog):
@@ -105,14 +107,20 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
             return 0
         config, _ = checkpoints.read_config(args.workdir)
         T = config.num_timesteps
-        out = args.out or os.path.join(
-            os.path.dirname(checkpoints.resolve(args.workdir)[0]), "eval"
-        )
+        distilled = checkpoints.student_path(args.workdir) != args.workdir
+        home = args.workdir if distilled else os.path.dirname(checkpoints.resolve(args.workdir)[0])
+        out = args.out or os.path.join(home, "eval")
         guidance = evaluation.parse_samplers(args.guidance_sampler, T)[0]
         steps_w = config.guidance if args.steps_w is None else args.steps_w
 
         def plan(spec, w):  # each run's plan, resolved once
-            return plans.resolve(config, solver=spec.solver, steps=spec.steps, w=w, **options)
+            student = None  # a distillation run: the record of the student of spec.steps
+            if solvers.get(spec.solver).student:
+                path = checkpoints.student_path(args.workdir, spec.steps)
+                student = checkpoints.read_student(path)
+            return plans.resolve(
+                config, solver=spec.solver, steps=spec.steps, w=w, student=student, **options
+            )
 
         evaluation.sweep(
             args.workdir,

@@ -32,7 +32,8 @@ def add_solver_flags(parser: argparse.ArgumentParser, default_help: str) -> None
         type=int,
         default=None,
         help="sampling steps = network calls, 1..T (default: 20 for dpmpp2m, 50 for ddim, T "
-        "for ddpm; the config's sample_steps if it names that sampler)",
+        "for ddpm; the config's sample_steps if it names that sampler; a distilled student's "
+        "own, and on a distill.py run's folder the round to sample)",
     )
     parser.add_argument(
         "--timesteps",
@@ -115,20 +116,25 @@ def plan_options(args) -> dict:
     )
 
 
-def sampling_plan(args, config, solver: str | None = None, steps: int | None = None):
+def sampling_plan(args, config, solver=None, steps=None, student: dict | None = None):
     """The :class:`~diffusion_jax.plans.SamplingPlan` of sample.py's flags for a model trained
     with ``config``: ``--sampler`` (default ``solver``, then the config's), ``--steps`` (default
-    ``steps``, then the solver's) or ``--timesteps``, ``--w`` and :func:`plan_options`."""
+    ``steps``, then the solver's) or ``--timesteps``, ``--w`` and :func:`plan_options`.
+    ``student``: the checkpoint's ``distill`` record, if it is a distilled student (whose own
+    solver and steps are then the defaults)."""
     from diffusion_jax import plans
 
     if args.timesteps is not None and (args.steps is not None or args.spacing is not None):
         raise ValueError("--timesteps is the whole time grid; drop --steps and --spacing")
+    if student is not None:
+        solver = steps = None
     return plans.resolve(
         config,
         solver=args.sampler or solver,
         steps=args.steps if args.steps is not None else steps,
         timesteps=args.timesteps,
         w=args.w,
+        student=student,
         **plan_options(args),
     )
 

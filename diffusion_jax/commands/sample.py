@@ -97,8 +97,10 @@ def main(argv=None, prog: str = "sample.py") -> int:
     if args.morph is not None:
         for flag in ("labels", "per_class"):
             if getattr(args, flag) is not None:
-                parser.error(f"--{flag} has no effect with --morph (it morphs the LABELS given "
-                             "to --morph); drop it")
+                parser.error(
+                    f"--{flag} has no effect with --morph (it morphs the LABELS given "
+                    "to --morph); drop it"
+                )
     if args.images is not None and args.inpaint is None:
         parser.error("--images is only read with --inpaint MASK; add --inpaint or drop --images")
     cli.setup_logging()
@@ -121,22 +123,30 @@ def main(argv=None, prog: str = "sample.py") -> int:
             config_lib.check_int("--batch_size", args.batch_size, 1, config_lib.INT_MAX)
         if args.inpaint is not None and args.sampler not in (None, "ddpm"):
             raise ValueError("--inpaint uses ancestral steps (RePaint); drop --sampler")
-        config = checkpoints.read_config(args.workdir)[0]
+        # a distillation run's folder: --steps picks the round (its student)
+        workdir = checkpoints.student_path(args.workdir, args.steps)
+        config = checkpoints.read_config(workdir)[0]
+        student = checkpoints.read_student(workdir)
         common = dict(seed=args.seed, out=args.out, overwrite=args.overwrite)
         if args.morph is not None or args.interpolate is not None:
-            plan = flags.sampling_plan(args, config, solver="dpmpp2m")
+            plan = flags.sampling_plan(args, config, solver="dpmpp2m", student=student)
             frames = 8 if args.frames is None else args.frames
             if args.morph is not None:
-                visuals.morph_to_files(args.workdir, args.morph, plan, frames=frames, **common)
+                visuals.morph_to_files(workdir, args.morph, plan, frames=frames, **common)
             else:
                 visuals.interpolate_to_files(
-                    args.workdir, args.interpolate, plan, frames=frames, **common
+                    workdir, args.interpolate, plan, frames=frames, **common
                 )
             return 0
         if args.inpaint is not None:
+            if student is not None:
+                raise ValueError(
+                    "--inpaint needs ancestral steps (RePaint), which a distilled "
+                    "student cannot take: inpaint with its teacher"
+                )
             steps = visuals.inpaint_steps(config.num_timesteps)
             visuals.inpaint_to_files(
-                args.workdir,
+                workdir,
                 args.inpaint,
                 flags.sampling_plan(args, config, solver="ddpm", steps=steps),
                 images_path=args.images,
@@ -146,8 +156,8 @@ def main(argv=None, prog: str = "sample.py") -> int:
             )
             return 0
         generation.sample_to_files(
-            args.workdir,
-            flags.sampling_plan(args, config, solver=RECOMMENDED),
+            workdir,
+            flags.sampling_plan(args, config, solver=RECOMMENDED, student=student),
             labels=args.labels,
             per_class=args.per_class,
             frames=20 if args.frames is None else args.frames,

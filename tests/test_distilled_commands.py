@@ -1,0 +1,74 @@
+"""A distilled student through the commands: distill.py on the tiny preset's run, then sample.py
+(a round picked by --steps, a morph) and evaluate.py (FD against steps) on the run's folder."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from diffusion_jax.commands import distill as distill_script
+from diffusion_jax.commands import evaluate as evaluate_script
+from diffusion_jax.commands import sample as sample_script
+
+
+@pytest.fixture(scope="module")
+def distilled(straight_run, tmp_path_factory):
+    """The tiny run distilled 4 -> 2 -> 1 steps, two optimiser steps a round."""
+    out = str(tmp_path_factory.mktemp("distilled") / "run")
+    argv = ["--teacher", straight_run[0], "--workdir", out, "--start_steps", "4", "--rounds",
+            "2", "--steps_per_round", "2", "--batch_size", "8", "--student_prediction", "v"]
+    assert distill_script.main(argv) == 0
+    return out
+
+
+def test_sample_py_picks_the_round_by_steps(distilled, tmp_path):
+    out = str(tmp_path / "s")
+    argv = ["--workdir", distilled, "--steps", "2", "--per_class", "1", "--out", out]
+    assert sample_script.main(argv) == 0
+    names = sorted(os.listdir(out))
+    assert [n.split("_", 1)[1] for n in names] == [
+        "distilled2_w1_seed0_grid.png", "distilled2_w1_seed0_reverse.gif",
+        "distilled2_w1_seed0_samples.npz",
+    ]
+    npz = np.load(os.path.join(out, names[-1]))
+    assert npz["sampler"] == "distilled" and npz["steps"] == 2 and npz["samples"].shape[0] == 10
+    # no --steps: the fewest; the round's own folder works too
+    assert sample_script.main(["--workdir", distilled, "--per_class", "1", "--out", out]) == 0
+    assert sum("distilled1_" in n for n in os.listdir(out)) == 3
+    morph = ["--workdir", distilled, "--morph", "0,1", "--frames", "2", "--out", out]
+    assert sample_script.main(morph) == 0
+    assert any(n.endswith(".gif") and "morph0-1" in n for n in os.listdir(out))
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--steps", "3"], "students of [2, 1] steps, not 3"),
+        (["--sampler", "ddim"], "only --sampler distilled can sample (not ddim)"),
+        (["--eta", "0.5"], "drop --eta"),
+        (["--spacing", "logsnr"], "drop --timesteps and --spacing"),
+        (["--inpaint", "top"], "a distilled student cannot take"),
+    ],
+)
+def test_what_a_student_cannot_do_is_one_line(distilled, tmp_path, capsys, extra, words):
+    argv = ["--workdir", distilled, "--per_class", "1", "--out", str(tmp_path / "x"), *extra]
+    with pytest.raises(SystemExit) as e:
+        sample_script.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and words in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_evaluate_py_sweeps_the_students(distilled, tiny_classifier_dir, tmp_path):
+    out = str(tmp_path / "eval")
+    argv = ["--workdir", distilled, "--w", "0,1", "--guidance_sampler", "distilled:2",
+            "--samplers", "distilled:1,distilled:2", "--per_class", "2", "--classifier_dir",
+            tiny_classifier_dir, "--out", out, "--no_progress"]
+    assert evaluate_script.main(argv) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+    runs = [(r["sampler"], r["nfe"], r["w"]) for r in rows]
+    assert runs == [("distilled", 2, 0.0), ("distilled", 2, 1.0), ("distilled", 1, 1.0)]
+    assert all(r["n"] == 20 and r["fd"] >= 0 for r in rows)
+    with pytest.raises(SystemExit):
+        evaluate_script.main([*argv[:6], "--samplers", "distilled", "--out", str(tmp_path / "y")])
