@@ -125,6 +125,20 @@ def device_data(dataset: data.Dataset, mesh, num_shards: int):
     )
 
 
+def apply_gradients(state: TrainState, grads, optimizer, ema_decay: float) -> TrainState:
+    """The state after one optimiser update with ``grads`` and the EMA's (``optimizer`` from
+    ``optimization.make_optimizer``, whose skipped non-finite update leaves the EMA as it was
+    too: parameters, EMA and optimiser state all stay put)."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay)
+    ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
+    ema = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(opt_state.last_finite, new, old), ema, state.ema_params
+    )
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
+
+
 def step_metrics(loss, grads) -> dict[str, jnp.ndarray]:
     """What one optimizer step reports: float32 scalars by name. A new metric is one entry here
     (metrics.jsonl, the progress bar and TensorBoard pick it up)."""
@@ -178,17 +192,7 @@ def _make_train_steps(config, mesh, num_shards):
             return loss
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = ema_decay_at(state.step, config.ema_decay)
-        ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
-        # A skipped (non-finite) update must not move the EMA toward the unchanged parameters
-        # either: a skipped step leaves parameters, EMA and optimiser state as they were.
-        ema = jax.tree_util.tree_map(
-            lambda new, old: jnp.where(opt_state.last_finite, new, old), ema, state.ema_params
-        )
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
-        return new, step_metrics(loss, grads)
+        return apply_gradients(state, grads, optimizer, config.ema_decay), step_metrics(loss, grads)
 
     if config.steps_per_dispatch == 1:
         # XLA:CPU runs convolution gradients inside a while loop ~25x slower than the same

@@ -393,7 +393,7 @@ def test_command_interrupt_resume_and_errors(teacher_run, tmp_path):
     out = str(tmp_path / "out")
     common = [sys.executable, script, "--teacher", folder, "--workdir", out, "--start_steps", "8",
               "--rounds", "1", "--batch_size", "8", "--log_every", "1", "--checkpoint_every",
-              "1000"]
+              "1000", "--student_prediction", "eps"]
     bad = subprocess.run(common + ["--w_min", "3", "--w_max", "1"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "w range is reversed" in bad.stderr

@@ -1,10 +1,10 @@
 """Distil a trained guided model into a few-step sampler (guided progressive distillation).
 
-    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill \\
-        --start_steps 64 --rounds 6 --steps_per_round 500 --w_min 0 --w_max 2
-    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill ...  # resume
+    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill  # 16 -> 1 step
+    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill  # resume
+    python sample.py --workdir runs/distill --steps 4                # the 4-step student
 
-Each round halves the steps (64 -> 32 -> ... -> 1); round r's student is in WORKDIR/round_r. A
+Each round halves the steps (16 -> 8 -> 4 -> 2 -> 1); round r's student is in WORKDIR/round_r. A
 student takes the guidance weight w as an input, so it samples any w in [w_min, w_max] with one
 network call per step. Ctrl-C or SIGTERM writes a checkpoint; the same command resumes. A
 WORKDIR holding another run (other teacher or settings) is refused, never overwritten.
@@ -33,7 +33,7 @@ _HELP = {
     "seed": "seed of every random draw",
     "checkpoint_every": "optimiser steps between checkpoints",
     "log_every": "optimiser steps between progress lines",
-    "student_prediction": "what the students predict: eps, x0 or v (default: the teacher's)",
+    "student_prediction": "what the students predict: eps, x0 or v ('' = the teacher's)",
 }
 
 
