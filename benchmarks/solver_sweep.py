@@ -133,15 +133,12 @@ def student_rows(args, w: float) -> list:
 
     if not args.students:
         return []
-    with open(os.path.join(args.students, checkpoints.DISTILL_RECORD)) as f:
-        settings = json.load(f)["settings"]
+    found = checkpoints.students(args.students)
+    if found is None:
+        raise ValueError(f"--students {args.students!r} is not a distill.py run (no distill.json)")
     out = []
-    for r in range(settings["rounds"]):
-        steps = settings["start_steps"] // 2 ** (r + 1)
-        try:
-            ckpt = generation.load_for_sampling(args.students, steps)
-        except checkpoints.CheckpointError:  # a round not finished
-            continue
+    for path in found.values():  # rounds in order
+        ckpt = generation.load_for_sampling(path)
         out.append((ckpt, plans.for_checkpoint(ckpt, {"w": w, "x0": args.x0})))
     return out
 

@@ -365,14 +365,12 @@ def round_folder(out: str, r: int) -> str:
     return os.path.join(out, f"round_{r}")
 
 
-def student_path(path: str, steps: int | None = None) -> str:
-    """``path`` itself unless it is a distillation run's folder; then the workdir of its round
-    whose students take ``steps`` steps (None: the last finished round, the fewest steps).
-    Only finished rounds count; an unfinished round's folder can be passed itself.
-    CheckpointError naming the step counts it has when none matches."""
+def students(path: str) -> dict[int, str] | None:
+    """{steps: round workdir} of the finished rounds of the distillation run at ``path`` (None
+    if ``path`` is not one); CheckpointError if its record is unreadable."""
     record = os.path.join(path, DISTILL_RECORD)
     if not os.path.isfile(record):
-        return path
+        return None
     try:
         with open(record) as f:
             settings = json.load(f)["settings"]
@@ -381,11 +379,21 @@ def student_path(path: str, steps: int | None = None) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = f"{record!r} is unreadable ({e}): is {path!r} a distill.py run?"
         raise CheckpointError(why) from None
-    done = {
+    return {
         start // 2 ** (r + 1): round_folder(path, r)
         for r in range(rounds)
         if last in _step_folders(os.path.join(round_folder(path, r), SUBDIR))
     }
+
+
+def student_path(path: str, steps: int | None = None) -> str:
+    """``path`` itself unless it is a distillation run's folder; then the workdir of its round
+    whose students take ``steps`` steps (None: the last finished round, the fewest steps).
+    Only finished rounds count; an unfinished round's folder can be passed itself.
+    CheckpointError naming the step counts it has when none matches."""
+    done = students(path)
+    if done is None:
+        return path
     if not done:
         raise CheckpointError(
             f"the distillation run {path!r} has no student yet (no round is finished): run "
