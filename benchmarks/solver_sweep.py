@@ -11,8 +11,9 @@ report ends with the best setting per call budget.
     python benchmarks/solver_sweep.py --workdir pretrained/mnist5k_cpu --per_class 500 \\
         --seeds 0,1,2 --out runs/solver_sweep.md
 
-``--students RUN`` (a ``distill.py`` run of the model) adds a row per distilled student, first,
-scored against the same reference (``--students_only``: no solver rows). Each row also gives
+``--students RUN[,RUN]`` (``distill.py`` runs of the model) adds a row per distilled student,
+first, scored against the same reference (``--students_only``: no solver rows); with several
+runs a row's spacing names its run. Each row also gives
 the sampling seconds per 1,000 samples after compiling (the median over the seeds).
 
 On a CPU a full sweep takes days (about 6.6 s per 1,000 guided samples per network call on two
@@ -64,7 +65,12 @@ def parse_args(argv):
     p.add_argument("--solvers", type=cli.list_type(), default=list(solvers.TRAINED))
     p.add_argument("--spacings", type=cli.list_type(), default=list(SPACINGS))
     p.add_argument("--calls", type=cli.list_type(int), default=list(DEFAULT_CALLS))
-    p.add_argument("--students", default=None, help="a distill.py run of the model: its students")
+    p.add_argument(
+        "--students",
+        type=cli.list_type(),
+        default=[],
+        help="distill.py runs of the model (comma-separated): a row per student",
+    )
     p.add_argument("--students_only", action="store_true", help="no rows but the students'")
     p.add_argument("--reference", default="ddim:100:uniform", help="SOLVER:STEPS[:SPACING]")
     p.add_argument("--seeds", type=cli.list_type(int), default=[0, 1, 2])
@@ -130,18 +136,20 @@ def sweep_plans(config, args, w: float) -> list:
 
 
 def student_rows(args, w: float) -> list:
-    """``(checkpoint, plan)`` of each finished student of ``--students``, most steps first."""
+    """``(checkpoint, plan, spacing label)`` of each finished student of each ``--students``
+    run, run by run, most steps first."""
     from diffusion_jax import checkpoints, generation, plans
 
-    if not args.students:
-        return []
-    found = checkpoints.students(args.students)
-    if found is None:
-        raise ValueError(f"--students {args.students!r} is not a distill.py run (no distill.json)")
     out = []
-    for path in found.values():  # rounds in order
-        ckpt = generation.load_for_sampling(path)
-        out.append((ckpt, plans.for_checkpoint(ckpt, {"w": w, "x0": args.x0})))
+    for run in args.students:
+        found = checkpoints.students(run)
+        if found is None:
+            raise ValueError(f"--students {run!r} is not a distill.py run (no distill.json)")
+        name = os.path.basename(os.path.normpath(run))
+        label = "student" if len(args.students) == 1 else f"student {name}"
+        for path in found.values():  # rounds in order
+            ckpt = generation.load_for_sampling(path)
+            out.append((ckpt, plans.for_checkpoint(ckpt, {"w": w, "x0": args.x0}), label))
     return out
 
 
@@ -167,7 +175,7 @@ def per_1000(scores: list[dict]) -> float:
     return float(np.median([1000 * s["sample_s"] / s["n"] for s in scores]))
 
 
-def summary_row(plan, scores: list[dict], refs: list[dict], seconds: float) -> dict:
+def summary_row(plan, spacing: str, scores: list[dict], refs: list[dict], seconds: float) -> dict:
     import numpy as np
 
     ratios = np.array([s["fd"] / r["fd"] for s, r in zip(scores, refs, strict=True)])
@@ -175,7 +183,7 @@ def summary_row(plan, scores: list[dict], refs: list[dict], seconds: float) -> d
     ref_acc = np.array([r["accuracy"] for r in refs])
     return {
         "solver": plan.solver,
-        "spacing": "student" if plan.solver == "distilled" else plan.spacing,
+        "spacing": spacing,
         "calls": plan.steps,
         "fd": [s["fd"] for s in scores],
         "ratio": [float(r) for r in ratios],
@@ -250,7 +258,7 @@ def run(args) -> dict:
     w = config.guidance if args.w is None else args.w
     runs = student_rows(args, w)  # (before the reference: a wrong --students fails at once)
     if not args.students_only:
-        runs += [(ckpt, p) for p in sweep_plans(config, args, w)]
+        runs += [(ckpt, p, p.spacing) for p in sweep_plans(config, args, w)]
     data_config = dataclasses.replace(
         config,
         dataset=args.dataset or config.dataset,
@@ -277,14 +285,14 @@ def run(args) -> dict:
     )
     rows = []
     with report.table(HEADERS) as table:
-        for model, plan in runs:
-            if not table.may_start([plan.solver, plan.spacing, plan.steps], plan.tag()):
+        for model, plan, spacing in runs:
+            if not table.may_start([plan.solver, spacing, plan.steps], plan.tag()):
                 continue
             t0 = time.monotonic()
             scores = [
                 score(model, reference_data, plan, labels, s, args.batch_size) for s in args.seeds
             ]
-            rows.append(summary_row(plan, scores, refs, time.monotonic() - t0))
+            rows.append(summary_row(plan, spacing, scores, refs, time.monotonic() - t0))
             table.add(cells(rows[-1]))
     if rows:
         report.add("### Recommended setting per call budget (lowest mean FD ratio)")

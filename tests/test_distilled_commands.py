@@ -4,6 +4,7 @@ benchmarks/solver_sweep.py --students (each student against the teacher's refere
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -81,16 +82,20 @@ def test_evaluate_py_sweeps_the_students(distilled, tiny_classifier_dir, tmp_pat
 def test_solver_sweep_scores_each_student_against_the_teachers_reference(
     distilled, straight_run, tiny_classifier_dir, tmp_path
 ):
+    copy = str(tmp_path / "copy")  # a second run (the same students): its rows score the same
+    shutil.copytree(distilled, copy)
     out = str(tmp_path / "sweep.md")
-    argv = ["--workdir", straight_run[0], "--students", distilled, "--students_only",
+    argv = ["--workdir", straight_run[0], "--students", f"{distilled},{copy}", "--students_only",
             "--reference", "ddim:4", "--per_class", "2", "--seeds", "0,1", "--w", "1",
             "--classifier_dir", tiny_classifier_dir, "--out", out]
     assert solver_sweep.main(argv) == 0
     result = json.load(open(tmp_path / "sweep.json"))
     rows = result["rows"]
     assert [(r["solver"], r["spacing"], r["calls"]) for r in rows] == [
-        ("distilled", "student", 2), ("distilled", "student", 1)
+        ("distilled", "student run", 2), ("distilled", "student run", 1),
+        ("distilled", "student copy", 2), ("distilled", "student copy", 1),
     ]
+    assert [r["fd"] for r in rows[:2]] == [r["fd"] for r in rows[2:]]
     refs = [r["fd"] for r in result["reference"]]
     for r in rows:
         expected = [fd / ref for fd, ref in zip(r["fd"], refs, strict=True)]
