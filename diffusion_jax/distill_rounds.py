@@ -39,7 +39,7 @@ from diffusion_jax import (
     models,
 )
 from diffusion_jax import workdir as workdir_lib
-from diffusion_jax.schedules import make_schedule
+from diffusion_jax.schedules import get_betas, make_schedule
 
 logger = logging.getLogger("diffusion_jax.training")
 
@@ -61,10 +61,12 @@ def _check_out(out: str, record: dict) -> None:
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        # (runs from before start_spacing existed were all uniform)
+        old["settings"] = {"start_spacing": "uniform", **old.get("settings", {})}
         if old != record:
             diff = sorted(
-                k for k in set(old.get("settings", {})) | set(record["settings"])
-                if old.get("settings", {}).get(k) != record["settings"].get(k)
+                k for k in set(old["settings"]) | set(record["settings"])
+                if old["settings"].get(k) != record["settings"].get(k)
             )
             diff = [k for k in ("teacher", "teacher_step") if old.get(k) != record[k]] + diff
             raise workdir_lib.WorkdirError(
@@ -111,7 +113,10 @@ def distill(
     out = os.path.abspath(out)
     teacher = generation.load_for_sampling(teacher_path)  # CheckpointError if there is none
     tconfig = teacher.config
-    grid = distillation.start_grid(tconfig.num_timesteps, settings.start_steps)
+    alpha_bar = np.cumprod(1.0 - get_betas(tconfig.schedule, tconfig.num_timesteps))
+    grid = distillation.start_grid(
+        tconfig.num_timesteps, settings.start_steps, settings.start_spacing, alpha_bar
+    )
     teacher_path = os.path.abspath(teacher_path)
     record = {
         "teacher": teacher_path,

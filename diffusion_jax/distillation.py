@@ -46,7 +46,7 @@ from diffusion_jax import diffusion
 from diffusion_jax.config import check_seed
 from diffusion_jax.guidance import guided_output
 from diffusion_jax.optimization import make_optimizer
-from diffusion_jax.schedules import get_betas, respaced_timesteps
+from diffusion_jax.schedules import SPACINGS, get_betas, respaced_timesteps
 from diffusion_jax.train_step import TrainState, apply_gradients, step_metrics
 
 # (params, schedule, z (B, ...), t (B,) timesteps, labels (B,), w (B,)) -> (x0_hat, eps_hat)
@@ -57,7 +57,8 @@ STUDENT_PREDICTIONS = ("eps", "x0", "v")
 
 @dataclasses.dataclass(frozen=True)
 class DistillSettings:
-    """A distillation run: ``rounds`` rounds from ``start_steps`` teacher steps, each halving
+    """A distillation run: ``rounds`` rounds from ``start_steps`` teacher steps placed by
+    ``start_spacing`` (one of ``schedules.SPACINGS``; see :func:`start_grid`), each halving
     them and taking ``steps_per_round`` optimiser steps of ``batch_size`` examples, with w drawn
     uniformly from [w_min, w_max] per example. The optimiser is training's
     (:func:`~diffusion_jax.optimization.make_optimizer`: clipping, AdamW, warm-up then cosine
@@ -68,6 +69,7 @@ class DistillSettings:
 
     # the shipped students' recipe (pretrained/mnist5k_cpu_distilled, 16 -> 1 step)
     start_steps: int = 16
+    start_spacing: str = "logsnr"
     rounds: int = 4
     steps_per_round: int = 600
     w_min: float = 0.0
@@ -119,6 +121,10 @@ class DistillSettings:
             raise ValueError("lr and grad_clip must be > 0 and weight_decay >= 0")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.start_spacing not in SPACINGS:
+            raise ValueError(
+                f"start_spacing must be one of {SPACINGS}, got {self.start_spacing!r}"
+            )
         if self.student_prediction not in ("", *STUDENT_PREDICTIONS):
             raise ValueError(
                 f"student_prediction must be one of {STUDENT_PREDICTIONS} (or empty for the "
@@ -141,15 +147,19 @@ def _check_nonneg_int(name, value) -> None:
 # Time grids
 
 
-def start_grid(num_timesteps: int, start_steps: int) -> np.ndarray:
-    """The first teacher's levels: ``start_steps`` training timesteps evenly spaced from T-1 to
-    0, noisiest first. Shape (N,), int64."""
+def start_grid(
+    num_timesteps: int, start_steps: int, spacing: str = "uniform", alpha_bar=None
+) -> np.ndarray:
+    """The first teacher's levels: ``start_steps`` training timesteps from T-1 (or the log-SNR
+    floor's last) to 0 placed by ``spacing`` (:func:`~diffusion_jax.schedules.respaced_timesteps`;
+    "logsnr" and "karras" need the training ``alpha_bar`` (T,)), noisiest first. Shape (N,),
+    int64. Every student walks a subset of these levels, so they fix the students' grids too."""
     if not 2 <= start_steps <= num_timesteps:
         raise ValueError(
             f"start_steps must be in [2, {num_timesteps}] (the teacher was trained with "
             f"T={num_timesteps} timesteps), got {start_steps}"
         )
-    return respaced_timesteps(num_timesteps, start_steps, "uniform")[::-1].copy()
+    return respaced_timesteps(num_timesteps, start_steps, spacing, alpha_bar)[::-1].copy()
 
 
 def student_grid(grid: np.ndarray, steps: int) -> np.ndarray:

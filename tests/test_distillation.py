@@ -3,6 +3,7 @@ Gaussian-mixture denoiser, a small student learning it, the w-embedding, rounds 
 bad inputs."""
 
 import dataclasses
+import json
 import os
 
 import exact
@@ -111,6 +112,24 @@ def test_grids():
         distillation.start_grid(T, 1024)
     lv = distillation.levels("cosine", T, [999, 0])
     assert float(lv.alpha[-1]) == 1.0 and float(lv.sigma[-1]) == 0.0
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_logsnr_start_grid_is_even_in_log_snr(schedule_name):
+    """Each level of a 16-level "logsnr" grid is the timestep nearest its share of the log-SNR
+    range (float64 numpy): bracketed by the log-SNRs of its two neighbouring timesteps. The
+    range runs from log-SNR at t = 0 to the noisiest timestep above the floor (the cosine
+    schedule ends below it: its last level is then under T-1)."""
+    abar = np.cumprod(1 - get_betas(schedule_name, T))
+    grid = distillation.start_grid(T, 16, "logsnr", abar)
+    lam = np.log(abar / (1 - abar))
+    assert grid[-1] == 0 and np.all(np.diff(grid) < 0) and len(grid) == 16
+    assert (grid[0] == T - 1) == (schedule_name == "linear")
+    targets = np.linspace(lam[grid[0]], lam[0], 16)
+    for t, target in zip(grid[1:-1], targets[1:-1], strict=True):
+        assert lam[t + 1] <= target <= lam[t - 1], (t, target)
+    # the student grids are every second, fourth... level, so also even in log-SNR
+    assert list(distillation.student_grid(grid, 4)) == list(grid[::4])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +267,12 @@ def teacher_run(tmp_path_factory):
     return folder, ds
 
 
+def logsnr_grid(num_timesteps: int, steps: int) -> np.ndarray:
+    """The default start grid of the toy teacher (the toy2d preset's schedule)."""
+    abar = np.cumprod(1 - get_betas(config_lib.get_config("toy2d").schedule, num_timesteps))
+    return distillation.start_grid(num_timesteps, steps, "logsnr", abar)
+
+
 SMALL = distillation.DistillSettings(
     start_steps=8, rounds=2, steps_per_round=6, batch_size=16, lr=1e-2, warmup_steps=1,
     checkpoint_every=2, log_every=3, w_max=2.0,
@@ -273,7 +298,7 @@ def test_resume_equals_uninterrupted(teacher_run, tmp_path):
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     student = generation.load_for_sampling(straight)  # a run's folder: its fewest steps
-    assert student.distill["timesteps"] == list(distillation.start_grid(40, 8)[::4])
+    assert student.distill["timesteps"] == list(logsnr_grid(40, 8)[::4])
     assert student.distill["steps"] == 2 and student.model.guidance_embedding
     plan = plans.for_checkpoint(student, {"w": 1.0})
     assert (plan.solver, plan.steps, plan.tag()) == ("distilled", 2, "distilled2")
@@ -295,7 +320,7 @@ def test_distilled_solver_is_ddim_on_the_students_grid(one_round):
     """``--sampler distilled`` equals DDIM (eta = 0) written out in float64 numpy on the
     student's x0, step by step on its grid (one network call per step, w fed to the network)."""
     st = generation.load_for_sampling(one_round, steps=4)
-    grid = list(distillation.start_grid(40, 8)[::2])
+    grid = list(logsnr_grid(40, 8)[::2])
     plan = plans.for_checkpoint(st, {"w": 0.7})
     assert plan.timesteps == tuple(grid) and plan.steps == 4
     labels, key = np.array([0, 3, 5]), jax.random.PRNGKey(4)  # 5: unconditional
@@ -357,6 +382,7 @@ def test_bad_inputs(teacher_run, tmp_path):
         (dict(w_min=-1.0), "w_min must be >= 0"),
         (dict(steps_per_round=0), "steps_per_round must be an integer >= 1"),
         (dict(student_prediction="mean"), "student_prediction must be one of"),
+        (dict(start_spacing="log"), "start_spacing must be one of"),
     ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(SMALL, **changes).validate()
@@ -374,9 +400,19 @@ def test_bad_inputs(teacher_run, tmp_path):
     distill_rounds.distill(out, folder, SMALL, dataset=ds, stop_after=1)
     with pytest.raises(checkpoints.CheckpointError, match=r"different settings \(seed\)"):
         distill_rounds.distill(out, folder, dataclasses.replace(SMALL, seed=1), dataset=ds)
+    # a run recorded before start_spacing existed was uniform: resumed as such, refused as logsnr
+    record_path = os.path.join(out, "distill.json")
+    record = json.load(open(record_path))
+    del record["settings"]["start_spacing"]
+    json.dump(record, open(record_path, "w"))
+    with pytest.raises(checkpoints.CheckpointError, match=r"different settings \(start_spacing\)"):
+        distill_rounds.distill(out, folder, SMALL, dataset=ds)
+    uniform = dataclasses.replace(SMALL, start_spacing="uniform")
+    assert distill_rounds.distill(out, folder, uniform, dataset=ds, stop_after=1).interrupted
+    assert json.load(open(record_path))["settings"]["start_spacing"] == "uniform"
     with pytest.raises(checkpoints.CheckpointError, match="has no student yet"):
-        generation.load_for_sampling(out)  # round 0 stopped at step 1 of 6
-    assert generation.load_for_sampling(checkpoints.round_folder(out, 0)).step == 1
+        generation.load_for_sampling(out)  # round 0 stopped at step 2 of 6
+    assert generation.load_for_sampling(checkpoints.round_folder(out, 0)).step == 2
 
 
 def test_command_interrupt_resume_and_errors(teacher_run, tmp_path):

@@ -20,6 +20,7 @@ from diffusion_jax.commands import errors
 # the DistillSettings fields that are flags, with their help
 _HELP = {
     "start_steps": "the teacher's DDIM steps in round 0 (a multiple of 2**rounds)",
+    "start_spacing": "where round 0's teacher steps go (every student walks a subset of them)",
     "rounds": "halvings: the last student takes start_steps / 2**rounds steps",
     "steps_per_round": "optimiser steps per round",
     "w_min": "smallest guidance weight the student learns",
@@ -39,6 +40,7 @@ _HELP = {
 
 def main(argv=None, prog: str = "distill.py") -> int:
     from diffusion_jax import distill_rounds, distillation, workdir
+    from diffusion_jax.schedules import SPACINGS
 
     parser = cli.command_parser(prog, __doc__)
     parser.add_argument("--teacher", required=True, help="the teacher's workdir or checkpoint")
@@ -51,9 +53,10 @@ def main(argv=None, prog: str = "distill.py") -> int:
                 f"--{field.name}",
                 type=type(value),
                 default=value,
-                choices=("", *distillation.STUDENT_PREDICTIONS)
-                if field.name == "student_prediction"
-                else None,
+                choices={
+                    "student_prediction": ("", *distillation.STUDENT_PREDICTIONS),
+                    "start_spacing": SPACINGS,
+                }.get(field.name),
                 help=f"{_HELP[field.name]} (default: {value!r})",
             )
     parser.add_argument(
