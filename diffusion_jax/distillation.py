@@ -69,7 +69,7 @@ class DistillSettings:
 
     # the shipped students' recipe (pretrained/mnist5k_cpu_distilled, 16 -> 1 step)
     start_steps: int = 16
-    start_spacing: str = "logsnr"
+    start_spacing: str = "uniform"
     rounds: int = 4
     steps_per_round: int = 600
     w_min: float = 0.0

@@ -267,12 +267,6 @@ def teacher_run(tmp_path_factory):
     return folder, ds
 
 
-def logsnr_grid(num_timesteps: int, steps: int) -> np.ndarray:
-    """The default start grid of the toy teacher (the toy2d preset's schedule)."""
-    abar = np.cumprod(1 - get_betas(config_lib.get_config("toy2d").schedule, num_timesteps))
-    return distillation.start_grid(num_timesteps, steps, "logsnr", abar)
-
-
 SMALL = distillation.DistillSettings(
     start_steps=8, rounds=2, steps_per_round=6, batch_size=16, lr=1e-2, warmup_steps=1,
     checkpoint_every=2, log_every=3, w_max=2.0,
@@ -298,7 +292,7 @@ def test_resume_equals_uninterrupted(teacher_run, tmp_path):
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     student = generation.load_for_sampling(straight)  # a run's folder: its fewest steps
-    assert student.distill["timesteps"] == list(logsnr_grid(40, 8)[::4])
+    assert student.distill["timesteps"] == list(distillation.start_grid(40, 8)[::4])
     assert student.distill["steps"] == 2 and student.model.guidance_embedding
     plan = plans.for_checkpoint(student, {"w": 1.0})
     assert (plan.solver, plan.steps, plan.tag()) == ("distilled", 2, "distilled2")
@@ -320,7 +314,7 @@ def test_distilled_solver_is_ddim_on_the_students_grid(one_round):
     """``--sampler distilled`` equals DDIM (eta = 0) written out in float64 numpy on the
     student's x0, step by step on its grid (one network call per step, w fed to the network)."""
     st = generation.load_for_sampling(one_round, steps=4)
-    grid = list(logsnr_grid(40, 8)[::2])
+    grid = list(distillation.start_grid(40, 8)[::2])
     plan = plans.for_checkpoint(st, {"w": 0.7})
     assert plan.timesteps == tuple(grid) and plan.steps == 4
     labels, key = np.array([0, 3, 5]), jax.random.PRNGKey(4)  # 5: unconditional
@@ -405,10 +399,10 @@ def test_bad_inputs(teacher_run, tmp_path):
     record = json.load(open(record_path))
     del record["settings"]["start_spacing"]
     json.dump(record, open(record_path, "w"))
+    logsnr = dataclasses.replace(SMALL, start_spacing="logsnr")
     with pytest.raises(checkpoints.CheckpointError, match=r"different settings \(start_spacing\)"):
-        distill_rounds.distill(out, folder, SMALL, dataset=ds)
-    uniform = dataclasses.replace(SMALL, start_spacing="uniform")
-    assert distill_rounds.distill(out, folder, uniform, dataset=ds, stop_after=1).interrupted
+        distill_rounds.distill(out, folder, logsnr, dataset=ds)
+    assert distill_rounds.distill(out, folder, SMALL, dataset=ds, stop_after=1).interrupted
     assert json.load(open(record_path))["settings"]["start_spacing"] == "uniform"
     with pytest.raises(checkpoints.CheckpointError, match="has no student yet"):
         generation.load_for_sampling(out)  # round 0 stopped at step 2 of 6
