@@ -149,8 +149,9 @@ def test_rows_stream_while_the_run_goes_on_and_the_budget_holds():
                   out)  # fmt: skip
     assert m, out[-3000:]
     last_start, ended, not_run = float(m.group(1)), float(m.group(2)), int(m.group(3))
-    # (printed to 0.1 s: a row started at 24.96 s of a 25 s budget reads 25.0)
-    assert last_start <= budget < ended < budget + 20 and not_run >= 1
+    # Printed to 0.1 s: a row started at 24.96 s of a 25 s budget reads 25.0, and a run that
+    # refused its next row at 25.04 s and stopped ends at 25.0 too (CI failed on both).
+    assert last_start <= budget <= ended < budget + 20 and not_run >= 1
     assert "not run: budget spent" in out and "\n  - not run: " in out
 
 
