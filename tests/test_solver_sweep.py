@@ -44,6 +44,36 @@ def test_a_dry_run_scores_every_plan_against_the_reference_of_its_seed(
         solver_sweep.main(argv)
     assert err.value.code == 2 and "pass --overwrite" in capsys.readouterr().err
 
+    # --reference_from: the reference's scores come from the report, and a row scores as it did
+    # when the reference was sampled in the same run
+    reuse = ["--calls", "2", "--spacings", "logsnr",
+             "--reference_from", str(tmp_path / "sweep.json")]
+    assert solver_sweep.main(argv[:-1] + [str(tmp_path / "again.md")] + reuse) == 0
+    reused = json.load(open(tmp_path / "again.json"))
+    assert [r["fd"] for r in reused["reference"]] == refs
+    assert reused["reference_key"] == result["reference_key"]
+    (row,) = reused["rows"]
+    (before,) = [r for r in rows if (r["calls"], r["spacing"]) == (2, "logsnr")]
+    assert row["fd"] == pytest.approx(before["fd"])
+    assert row["ratio"] == pytest.approx(before["ratio"])
+    assert "scores reused from" in open(tmp_path / "again.md").read()
+    capsys.readouterr()
+    # another guidance weight is another reference: refused before sampling, naming the entry
+    other = argv[:-3] + ["0.5", "--out", str(tmp_path / "w.md")] + reuse
+    with pytest.raises(SystemExit) as err:
+        solver_sweep.main(other)
+    message = capsys.readouterr().err
+    assert err.value.code == 2 and "w: report 1.0, now 0.5" in message
+    assert "drop --reference_from" in message and not os.path.exists(tmp_path / "w.md")
+
+
+def test_reference_from_a_file_that_is_no_report_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        solver_sweep.read_reference(str(tmp_path / "missing.json"))
+    (tmp_path / "old.json").write_text(json.dumps({"reference": []}))  # before reference_key
+    with pytest.raises(ValueError, match="no solver_sweep report with a reference_key"):
+        solver_sweep.read_reference(str(tmp_path / "old.json"))
+
 
 def test_unknown_solvers_and_spacings_are_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit) as err:
