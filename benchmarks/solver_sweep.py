@@ -126,18 +126,12 @@ def reference_plan(text: str, config, w: float, x0: str):
 
 
 def digest(tree) -> str:
-    """SHA-256 (first 16 hex digits) of a pytree's leaves: dtype, shape and bytes, in order."""
-    import hashlib
-
+    """The first 16 hex digits of :func:`diffusion_jax.data.digest` of a pytree's leaves."""
     import jax
-    import numpy as np
 
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(tree):
-        leaf = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{leaf.dtype.str}{leaf.shape}".encode())
-        h.update(memoryview(leaf).cast("B"))
-    return h.hexdigest()[:16]
+    from diffusion_jax import data
+
+    return data.digest(jax.tree_util.tree_leaves(tree))[:16]
 
 
 def reference_key(args, ckpt, dataset, clf, ref_plan, w: float) -> dict:

@@ -386,3 +386,14 @@ def test_mnist5k_is_parsed_once_then_read_from_the_cache(tmp_path, monkeypatch):
     third = datasets.load_mnist5k()
     assert len(parses) == 2 and os.listdir(tmp_path / "cache") == [cached]
     np.testing.assert_array_equal(first.train_x, third.train_x)
+
+
+def test_the_digest_tells_apart_what_the_same_bytes_can_mean():
+    """Equal bytes under another shape, dtype or order are other arrays: other digests."""
+    a = np.arange(12, dtype=np.float32)
+    assert data.digest([a]) == data.digest([a.copy()])
+    strided = a.reshape(3, 4).T  # a view: digested as the array it shows, not its buffer
+    assert data.digest([strided]) == data.digest([np.ascontiguousarray(strided)])
+    others = [[a.reshape(3, 4)], [a.view(np.int32)], [a[:6], a[6:]], [a[6:], a[:6]], [a + 1]]
+    digests = {data.digest(x) for x in [[a], *others]}
+    assert len(digests) == 6
