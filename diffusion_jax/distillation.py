@@ -67,11 +67,11 @@ class DistillSettings:
     sqrt(abar) ~ 0); "" = the teacher's, so that a student starts as the teacher's exact copy.
     ``clip_teacher``: the teacher's x0 is clipped to [-1, 1] at each step, as the samplers do."""
 
-    # the shipped students' recipe (pretrained/mnist5k_cpu_distilled, 16 -> 1 step)
-    start_steps: int = 16
+    # the shipped students' recipe (pretrained/mnist5k_cpu_distilled, 32 -> 1 step)
+    start_steps: int = 32
     start_spacing: str = "uniform"
-    rounds: int = 4
-    steps_per_round: int = 600
+    rounds: int = 5
+    steps_per_round: int = 1000
     w_min: float = 0.0
     w_max: float = 2.0
     batch_size: int = 64

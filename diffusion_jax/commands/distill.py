@@ -1,13 +1,14 @@
 """Distil a trained guided model into a few-step sampler (guided progressive distillation).
 
-    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill  # 16 -> 1 step
+    python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill  # 32 -> 1 step
     python distill.py --teacher pretrained/mnist5k_cpu --workdir runs/distill  # resume
     python sample.py --workdir runs/distill --steps 4                # the 4-step student
 
-Each round halves the steps (16 -> 8 -> 4 -> 2 -> 1); round r's student is in WORKDIR/round_r. A
-student takes the guidance weight w as an input, so it samples any w in [w_min, w_max] with one
-network call per step. Ctrl-C or SIGTERM writes a checkpoint; the same command resumes. A
-WORKDIR holding another run (other teacher or settings) is refused, never overwritten.
+Each round halves the steps (32 -> 16 -> 8 -> 4 -> 2 -> 1); round r's student is in
+WORKDIR/round_r. A student takes the guidance weight w as an input, so it samples any w in
+[w_min, w_max] with one network call per step. Ctrl-C or SIGTERM writes a checkpoint; the same
+command resumes. A WORKDIR holding another run (other teacher or settings) is refused, never
+overwritten.
 """
 
 from __future__ import annotations
