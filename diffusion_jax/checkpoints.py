@@ -375,15 +375,31 @@ def students(path: str) -> dict[int, str] | None:
         with open(record) as f:
             settings = json.load(f)["settings"]
         start, rounds = int(settings["start_steps"]), int(settings["rounds"])
-        last = int(settings["steps_per_round"])
+        lengths = round_lengths(settings)
     except (OSError, ValueError, KeyError, TypeError) as e:
         why = f"{record!r} is unreadable ({e}): is {path!r} a distill.py run?"
         raise CheckpointError(why) from None
     return {
         start // 2 ** (r + 1): round_folder(path, r)
         for r in range(rounds)
-        if last in _step_folders(os.path.join(round_folder(path, r), SUBDIR))
+        if lengths[r] in saved_steps(round_folder(path, r))
     }
+
+
+def round_lengths(settings: dict) -> list[int]:
+    """The optimiser steps of each round of a distillation record's ``settings``, whose
+    ``steps_per_round`` is one number for all rounds or a list of one per round. ValueError
+    unless it gives exactly one length per round."""
+    rounds, value = int(settings["rounds"]), settings["steps_per_round"]
+    lengths = [int(v) for v in value] if isinstance(value, list) else [int(value)] * rounds
+    if len(lengths) != rounds:
+        raise ValueError(f"steps_per_round {value} does not give one length per round")
+    return lengths
+
+
+def saved_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints saved in ``workdir`` (a training or round folder), sorted."""
+    return _step_folders(os.path.join(workdir, SUBDIR))
 
 
 def student_path(path: str, steps: int | None = None) -> str:
@@ -409,8 +425,23 @@ def student_path(path: str, steps: int | None = None) -> str:
     return done[steps]
 
 
+def on_this_device(target):
+    """A restore target of shapes (``jax.ShapeDtypeStruct``) placed on this process's first
+    device. Without a placement Orbax reuses the one saved, and arrays saved replicated over
+    several devices (training or distilling on a mesh, e.g. the CPU's cores) would not load in
+    a process with fewer."""
+    import jax
+
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target
+    )
+
+
 def restore_ema(mngr, directory: str, step: int, ema_target):
-    """Only the EMA parameters of ``step`` (the optimizer state is not read)."""
-    ema = _restore(mngr, directory, step, ema=ocp.args.StandardRestore(ema_target)).ema
+    """Only the EMA parameters of ``step`` (the optimizer state is not read), on this process's
+    first device whatever devices they were saved from."""
+    target = on_this_device(ema_target)
+    ema = _restore(mngr, directory, step, ema=ocp.args.StandardRestore(target)).ema
     _check_finite(ema, directory, step, mngr.all_steps())
     return ema

@@ -256,6 +256,7 @@ def _load(directory: str, dataset) -> TrainedClassifier:
         model = CNN(num_classes=meta["num_classes"], feature_dim=meta["feature_dim"])
         x0 = jax.ShapeDtypeStruct((1, *dataset.train_x.shape[1:]), jnp.float32)
         target = jax.eval_shape(model.init, jax.random.PRNGKey(0), x0)["params"]
+        target = checkpoints.on_this_device(target)
         params = mngr.restore(
             0, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
         ).params

@@ -37,6 +37,7 @@ from diffusion_jax import (
     generation,
     hooks,
     models,
+    sharding,
 )
 from diffusion_jax import workdir as workdir_lib
 from diffusion_jax.schedules import get_betas, make_schedule
@@ -63,7 +64,7 @@ def _check_out(out: str, record: dict) -> None:
             old = json.load(f)
         # (runs from before start_spacing existed were all uniform)
         old["settings"] = {"start_spacing": "uniform", **old.get("settings", {})}
-        if old != record:
+        if old != record and not _only_unstarted_rounds_differ(out, old, record):
             diff = sorted(
                 k for k in set(old["settings"]) | set(record["settings"])
                 if old["settings"].get(k) != record["settings"].get(k)
@@ -80,6 +81,27 @@ def _check_out(out: str, record: dict) -> None:
         )
     elif os.path.exists(out) and not os.path.isdir(out):
         raise workdir_lib.WorkdirError(f"--workdir {out!r} is a file, not a folder")
+
+
+def _only_unstarted_rounds_differ(out: str, old: dict, record: dict) -> bool:
+    """True when ``record`` differs from ``old`` only in the length of rounds with no checkpoint
+    yet: a longer last round can follow finished ones without running them again (a started
+    round's learning-rate decay depends on its length, so its length is fixed)."""
+    diff = {k for k in old | record if k != "settings" and old.get(k) != record.get(k)}
+    settings = set(old["settings"]) | set(record["settings"])
+    diff |= {k for k in settings if old["settings"].get(k) != record["settings"].get(k)}
+    if diff != {"steps_per_round"}:
+        return False
+    before = checkpoints.round_lengths(old["settings"])
+    now = checkpoints.round_lengths(record["settings"])
+    changed = [r for r in range(len(now)) if before[r] != now[r]]
+    if any(checkpoints.saved_steps(checkpoints.round_folder(out, r)) for r in changed):
+        return False
+    logger.info(
+        f"{out}: the length of round(s) {', '.join(map(str, changed))}, not started yet, "
+        f"changes from {[before[r] for r in changed]} to {[now[r] for r in changed]} steps"
+    )
+    return True
 
 
 def _round_record(r, grid, settings, teacher_path, steps) -> dict:
@@ -118,23 +140,33 @@ def distill(
         tconfig.num_timesteps, settings.start_steps, settings.start_spacing, alpha_bar
     )
     teacher_path = os.path.abspath(teacher_path)
-    record = {
+    # (through JSON, so that it compares equal to the record read back from distill.json)
+    record = json.loads(json.dumps({
         "teacher": teacher_path,
         "teacher_step": int(teacher.step),
         "settings": dataclasses.asdict(settings),
-    }
+    }))
+    mesh = None
+    if jax.local_device_count() > 1:  # e.g. the CPU's cores as devices (cli.use_cpu_cores)
+        mesh = sharding.data_mesh(jax.local_devices())
+        sharding.check_batch_size(settings.batch_size, mesh)
     _check_out(out, record)
     _warn_eps_student(settings.student_prediction or tconfig.prediction, tconfig, grid)
     with workdir_lib.workdir_lock(out):
         with open(os.path.join(out, RECORD), "w") as f:
             json.dump(record, f, indent=1)
         dataset = dataset or datasets.load_dataset(tconfig)
-        return _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after)
+        return _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after, mesh)
 
 
-def _plain(tree):
-    """``tree``'s arrays copied onto the default device without a mesh sharding."""
-    return jax.tree_util.tree_map(jnp.asarray, jax.device_get(tree))
+def _place(tree, mesh):
+    """``tree``'s arrays copied whole onto every device of ``mesh`` (None: the default
+    device). Orbax restores arrays with a sharding of its own, and a step fed a mix of
+    placements compiles a second time at its second call."""
+    tree = jax.device_get(tree)
+    if mesh is None:
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+    return sharding.replicate(tree, mesh)
 
 
 def _warn_eps_student(prediction: str, config, grid) -> None:
@@ -150,7 +182,7 @@ def _warn_eps_student(prediction: str, config, grid) -> None:
         )
 
 
-def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> DistillResult:
+def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after, mesh):
     tconfig = teacher.config
     prediction = settings.student_prediction or tconfig.prediction
     sconfig = dataclasses.replace(tconfig, prediction=prediction)
@@ -162,13 +194,11 @@ def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> 
     )
     student_teacher = distillation.predictor(models.denoiser(smodel), prediction, clip)
     student = distillation.predictor(models.denoiser(smodel), prediction)
-    data_x = jnp.asarray(dataset.train_x, jnp.float32)
-    data_y = jnp.asarray(dataset.train_y, jnp.int32)
+    data = _place((dataset.train_x.astype(np.float32), dataset.train_y.astype(np.int32)), mesh)
     base = jax.random.PRNGKey(settings.seed)
-    # (as host arrays: Orbax restores them with a mesh sharding, and a step fed a mix of
-    # placements compiles a second time at its second call)
-    teacher_params, done, last = _plain(teacher.params), 0, None
+    teacher_params, done, last = _place(teacher.params, mesh), 0, None
     for r in range(settings.rounds):
+        rsettings = settings.for_round(r)
         steps = settings.start_steps // 2 ** (r + 1)
         rec = _round_record(r, grid, settings, teacher_path, steps)
         folder = checkpoints.round_folder(out, r)
@@ -179,10 +209,10 @@ def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> 
                 init = models.init_params(
                     smodel, jax.random.fold_in(key, 0), (1, *teacher.data_shape)
                 )
-                start_params = distillation.graft(teacher_params, init)
+                start_params = _place(distillation.graft(teacher_params, init), mesh)
             else:
                 start_params = teacher_params
-            state = distillation.init_state(settings, start_params)
+            state = distillation.init_state(rsettings, start_params)
             saved = mngr.latest_step()
             if saved is not None:
                 directory = os.path.join(folder, checkpoints.SUBDIR)
@@ -190,18 +220,18 @@ def _rounds(out, teacher, teacher_path, grid, settings, dataset, stop_after) -> 
                 restored, ema = checkpoints.restore_train(
                     mngr, directory, saved, part, state.ema_params
                 )
-                state = _plain(distillation.TrainState(ema_params=ema, **restored))
-            if int(state.step) < settings.steps_per_round:
+                state = _place(distillation.TrainState(ema_params=ema, **restored), mesh)
+            if int(state.step) < rsettings.steps_per_round:
                 teacher_grid = distillation.student_grid(grid, 2 * steps)
                 levels = distillation.levels(tconfig.schedule, tconfig.num_timesteps, teacher_grid)
                 step_fn = distillation.make_distill_step(
-                    settings, student, guided_teacher if r == 0 else student_teacher
+                    rsettings, student, guided_teacher if r == 0 else student_teacher, mesh
                 )
                 budget = None if stop_after is None else stop_after - done
+                args = _place((schedule, levels, jax.random.fold_in(key, 1)), mesh)
                 state, stopped = _loop(
-                    settings, mngr, folder, r, rec, sconfig, teacher.data_shape, state,
-                    (teacher_params, schedule, levels, data_x, data_y, jax.random.fold_in(key, 1)),
-                    step_fn, budget,
+                    rsettings, mngr, folder, r, rec, sconfig, teacher.data_shape, state,
+                    (teacher_params, args[0], args[1], *data, args[2]), step_fn, budget,
                 )
                 done += int(state.step) - (saved or 0)
                 if stopped:

@@ -47,6 +47,7 @@ from diffusion_jax.config import check_seed
 from diffusion_jax.guidance import guided_output
 from diffusion_jax.optimization import make_optimizer
 from diffusion_jax.schedules import SPACINGS, get_betas, respaced_timesteps
+from diffusion_jax.sharding import batch_sharded
 from diffusion_jax.train_step import TrainState, apply_gradients, step_metrics
 
 # (params, schedule, z (B, ...), t (B,) timesteps, labels (B,), w (B,)) -> (x0_hat, eps_hat)
@@ -59,8 +60,9 @@ STUDENT_PREDICTIONS = ("eps", "x0", "v")
 class DistillSettings:
     """A distillation run: ``rounds`` rounds from ``start_steps`` teacher steps placed by
     ``start_spacing`` (one of ``schedules.SPACINGS``; see :func:`start_grid`), each halving
-    them and taking ``steps_per_round`` optimiser steps of ``batch_size`` examples, with w drawn
-    uniformly from [w_min, w_max] per example. The optimiser is training's
+    them and taking ``steps_per_round`` optimiser steps of ``batch_size`` examples (one number for
+    every round, or a tuple of one per round: the one-step student is the hardest to fit), with
+    w drawn uniformly from [w_min, w_max] per example. The optimiser is training's
     (:func:`~diffusion_jax.optimization.make_optimizer`: clipping, AdamW, warm-up then cosine
     decay over the round), started afresh each round. ``student_prediction``: what the students
     predict: v by default (an eps student's x0 at the noisiest level is its eps error divided by
@@ -71,7 +73,7 @@ class DistillSettings:
     start_steps: int = 32
     start_spacing: str = "uniform"
     rounds: int = 5
-    steps_per_round: int = 1000
+    steps_per_round: int | tuple[int, ...] = 1000
     w_min: float = 0.0
     w_max: float = 2.0
     batch_size: int = 64
@@ -86,16 +88,44 @@ class DistillSettings:
     student_prediction: str = "v"
     clip_teacher: bool = True
 
+    def __post_init__(self):
+        if isinstance(self.steps_per_round, list):  # (as JSON gives it back): hashable
+            object.__setattr__(self, "steps_per_round", tuple(self.steps_per_round))
+
+    def round_length(self, r: int) -> int:
+        """Optimiser steps of round ``r`` (0-based)."""
+        if isinstance(self.steps_per_round, tuple):
+            return self.steps_per_round[r]
+        return self.steps_per_round
+
+    def for_round(self, r: int) -> DistillSettings:
+        """These settings with round ``r``'s length as the one ``steps_per_round``: what that
+        round's optimiser (its warm-up and cosine decay) and step are built from."""
+        return dataclasses.replace(self, steps_per_round=self.round_length(r))
+
     @property
     def num_steps(self) -> int:
-        """The optimiser's schedule length (optimization.learning_rate): one round."""
+        """The optimiser's schedule length (optimization.learning_rate): one round (of settings
+        made by :meth:`for_round` when the rounds' lengths differ)."""
+        if isinstance(self.steps_per_round, tuple):
+            raise ValueError("the rounds differ in length: use settings.for_round(r)")
         return self.steps_per_round
 
     def validate(self) -> DistillSettings:
         """ValueError naming the setting and what to do unless every value is usable."""
-        for name in ("start_steps", "rounds", "steps_per_round", "batch_size", "checkpoint_every",
-                     "log_every"):
+        for name in ("start_steps", "rounds", "batch_size", "checkpoint_every", "log_every"):
             _check_positive_int(name, getattr(self, name))
+        if isinstance(self.steps_per_round, tuple):
+            if len(self.steps_per_round) != self.rounds:
+                raise ValueError(
+                    f"steps_per_round gives {len(self.steps_per_round)} lengths for "
+                    f"{self.rounds} rounds: give one number for every round, or one per round "
+                    "(e.g. --steps_per_round 1000,1000,3000 with --rounds 3)"
+                )
+            for r, length in enumerate(self.steps_per_round):
+                _check_positive_int(f"steps_per_round (round {r})", length)
+        else:
+            _check_positive_int("steps_per_round", self.steps_per_round)
         _check_nonneg_int("warmup_steps", self.warmup_steps)
         check_seed(self.seed)
         if self.start_steps % 2**self.rounds:
@@ -340,14 +370,23 @@ def _init_program(settings: DistillSettings):
 
 
 @functools.lru_cache(maxsize=8)
-def make_distill_step(settings: DistillSettings, student: Predictor, teacher: Predictor):
+def make_distill_step(
+    settings: DistillSettings, student: Predictor, teacher: Predictor, mesh=None
+):
     """A jitted ``step(state, teacher_params, schedule, teacher_levels, data_x, data_y,
     base_key) -> (state, metrics)``: one optimiser step on a batch drawn (with replacement) from
     data_x (M, ...), data_y (M,); every draw from ``fold_in(base_key, state.step)``, so a
     resumed round repeats an uninterrupted one. ``metrics``: loss and gradient norm (float32).
-    Cached per (settings, student, teacher), so a resumed run in the same process reuses it."""
+    ``settings`` give one round's length (:meth:`DistillSettings.for_round`). ``mesh``: split
+    the batch over its devices (the arguments replicated on it, ``sharding.replicate``); the
+    draws are the same with or without it (partitionable threefry).
+    Cached per (settings, student, teacher, mesh), so a resumed run in the same process reuses
+    it."""
     optimizer = make_optimizer(settings)
     w_range = (float(settings.w_min), float(settings.w_max))
+
+    def split(a):  # the teacher's and the student's work follow the batch's sharding
+        return a if mesh is None else jax.lax.with_sharding_constraint(a, batch_sharded(mesh))
 
     def step(state, teacher_params, schedule, teacher_levels, data_x, data_y, base_key):
         key = jax.random.fold_in(base_key, state.step)
@@ -355,8 +394,8 @@ def make_distill_step(settings: DistillSettings, student: Predictor, teacher: Pr
         idx = jax.random.randint(k_data, (settings.batch_size,), 0, data_x.shape[0])
         # (the teacher's batch does not depend on the student: outside the gradient)
         batch = distill_batch(
-            teacher, teacher_params, schedule, teacher_levels, data_x[idx], data_y[idx], k_loss,
-            w_range,
+            teacher, teacher_params, schedule, teacher_levels, split(data_x[idx]),
+            split(data_y[idx]), k_loss, w_range,
         )
         loss, grads = jax.value_and_grad(lambda p: student_loss(student, p, schedule, batch))(
             state.params

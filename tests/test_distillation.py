@@ -277,6 +277,14 @@ def _ema(out, r):
     return generation.load_for_sampling(checkpoints.round_folder(out, r)).params
 
 
+def _same_params(a, b, **tol):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        if tol:
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+        else:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_resume_equals_uninterrupted(teacher_run, tmp_path):
     folder, ds = teacher_run
     straight = str(tmp_path / "straight")
@@ -288,9 +296,7 @@ def test_resume_equals_uninterrupted(teacher_run, tmp_path):
     assert distill_rounds.distill(split, folder, SMALL, dataset=ds, stop_after=5).interrupted
     assert not distill_rounds.distill(split, folder, SMALL, dataset=ds).interrupted
     for r in (0, 1):
-        a, b = _ema(straight, r), _ema(split, r)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        _same_params(_ema(straight, r), _ema(split, r))
     student = generation.load_for_sampling(straight)  # a run's folder: its fewest steps
     assert student.distill["timesteps"] == list(distillation.start_grid(40, 8)[::4])
     assert student.distill["steps"] == 2 and student.model.guidance_embedding
@@ -367,6 +373,78 @@ def test_distilled_plans_refuse_what_a_student_cannot_do(one_round, teacher_run,
     assert "outside [0, 2]" in caplog.text
 
 
+def test_rounds_of_their_own_lengths(teacher_run, tmp_path):
+    """steps_per_round per round: round r runs (and decays its learning rate over) its own
+    length; a round not started yet may be lengthened on resume, to the result of a run given
+    that length from the start; a started round's length is fixed."""
+    folder, ds = teacher_run
+    given = dataclasses.replace(SMALL, steps_per_round=(6, 4))
+    straight = str(tmp_path / "straight")
+    distill_rounds.distill(straight, folder, given, dataset=ds)
+    assert checkpoints.saved_steps(checkpoints.round_folder(straight, 1))[-1] == 4
+    assert checkpoints.students(straight) == {
+        4: checkpoints.round_folder(straight, 0), 2: checkpoints.round_folder(straight, 1)
+    }
+    # the run's round 0 at its length, stopped before round 1 starts; then round 1 lengthened
+    resumed = str(tmp_path / "resumed")
+    assert distill_rounds.distill(resumed, folder, SMALL, dataset=ds, stop_after=6).interrupted
+    assert not checkpoints.saved_steps(checkpoints.round_folder(resumed, 1))
+    assert distill_rounds.distill(resumed, folder, given, dataset=ds) == (
+        checkpoints.round_folder(resumed, 1), 2, False
+    )
+    for r in (0, 1):
+        _same_params(_ema(straight, r), _ema(resumed, r))
+    assert json.load(open(os.path.join(resumed, "distill.json")))["settings"][
+        "steps_per_round"] == [6, 4]
+    # round 1 has started (and finished): its length, and round 0's, are fixed
+    for lengths in ((6, 5), (5, 4), 6):
+        with pytest.raises(checkpoints.CheckpointError, match=r"settings \(steps_per_round\)"):
+            changed = dataclasses.replace(SMALL, steps_per_round=lengths)
+            distill_rounds.distill(resumed, folder, changed, dataset=ds)
+    # another setting changed along with an unstarted round's length: refused too
+    fresh = str(tmp_path / "fresh")
+    distill_rounds.distill(fresh, folder, SMALL, dataset=ds, stop_after=6)
+    with pytest.raises(checkpoints.CheckpointError, match=r"settings \(lr, steps_per_round\)"):
+        distill_rounds.distill(fresh, folder, dataclasses.replace(given, lr=0.5), dataset=ds)
+
+
+DISTILL_ON_DEVICES = """
+import dataclasses, json, sys, jax, numpy as np
+from diffusion_jax import distill_rounds, distillation, generation
+from diffusion_jax.data import Dataset
+teacher, out, data, settings = sys.argv[1:5]
+assert jax.local_device_count() == 2, jax.local_devices()
+d = np.load(data)
+ds = Dataset("toy2d", d["x"], d["y"], d["x"], d["y"], 8)
+settings = distillation.DistillSettings(**json.loads(settings))
+assert distill_rounds.distill(out, teacher, settings, dataset=ds, stop_after=9).interrupted
+distill_rounds.distill(out, teacher, settings, dataset=ds)  # resumed on the mesh
+"""
+
+
+def test_distillation_over_two_devices_matches_one(teacher_run, tmp_path):
+    """On a data-parallel mesh of two (CPU) devices the batch is split, the draws are the same,
+    and the students equal the one-device run's up to the order of float sums."""
+    import subprocess
+    import sys
+
+    folder, ds = teacher_run
+    np.savez(tmp_path / "data.npz", x=ds.train_x, y=ds.train_y)
+    one = str(tmp_path / "one")
+    distill_rounds.distill(one, folder, SMALL, dataset=ds)
+    two = str(tmp_path / "two")
+    env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+           + " --xla_force_host_platform_device_count=2"}
+    done = subprocess.run(
+        [sys.executable, "-c", DISTILL_ON_DEVICES, folder, two, str(tmp_path / "data.npz"),
+         json.dumps(dataclasses.asdict(SMALL))],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    for r in (0, 1):
+        _same_params(_ema(one, r), _ema(two, r), rtol=1e-4, atol=1e-6)
+
+
 def test_bad_inputs(teacher_run, tmp_path):
     folder, ds = teacher_run
     for changes, match in (
@@ -375,6 +453,8 @@ def test_bad_inputs(teacher_run, tmp_path):
         (dict(w_min=2.0, w_max=1.0), "w range is reversed"),
         (dict(w_min=-1.0), "w_min must be >= 0"),
         (dict(steps_per_round=0), "steps_per_round must be an integer >= 1"),
+        (dict(steps_per_round=(6, 0)), r"steps_per_round \(round 1\) must be an integer >= 1"),
+        (dict(steps_per_round=(6, 6, 6)), "gives 3 lengths for 2 rounds"),
         (dict(student_prediction="mean"), "student_prediction must be one of"),
         (dict(start_spacing="log"), "start_spacing must be one of"),
     ):

@@ -6,9 +6,10 @@
 
 Each round halves the steps (32 -> 16 -> 8 -> 4 -> 2 -> 1); round r's student is in
 WORKDIR/round_r. A student takes the guidance weight w as an input, so it samples any w in
-[w_min, w_max] with one network call per step. Ctrl-C or SIGTERM writes a checkpoint; the same
-command resumes. A WORKDIR holding another run (other teacher or settings) is refused, never
-overwritten.
+[w_min, w_max] with one network call per step. --steps_per_round may give each round its own
+length; a round not started yet may be given another one when resuming. Ctrl-C or SIGTERM
+writes a checkpoint; the same command resumes. A WORKDIR holding another run (other teacher or
+settings) is refused, never overwritten.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ _HELP = {
     "start_steps": "the teacher's DDIM steps in round 0 (a multiple of 2**rounds)",
     "start_spacing": "where round 0's teacher steps go (every student walks a subset of them)",
     "rounds": "halvings: the last student takes start_steps / 2**rounds steps",
-    "steps_per_round": "optimiser steps per round",
+    "steps_per_round": "optimiser steps per round: one number, or one per round (e.g. "
+    "1000,1000,1000,1000,3000 for a longer last round; rounds already started must keep theirs)",
     "w_min": "smallest guidance weight the student learns",
     "w_max": "largest guidance weight the student learns",
     "batch_size": "examples per optimiser step",
@@ -52,7 +54,7 @@ def main(argv=None, prog: str = "distill.py") -> int:
             value = getattr(defaults, field.name)
             parser.add_argument(
                 f"--{field.name}",
-                type=type(value),
+                type=_round_lengths if field.name == "steps_per_round" else type(value),
                 default=value,
                 choices={
                     "student_prediction": ("", *distillation.STUDENT_PREDICTIONS),
@@ -81,6 +83,13 @@ def main(argv=None, prog: str = "distill.py") -> int:
             return 130
         print(f"done: {result.rounds_done} rounds; the last student is in {result.path}")
     return 0
+
+
+def _round_lengths(text: str) -> int | tuple[int, ...]:
+    """``--steps_per_round``: one length for every round, or a comma-separated one per round."""
+    lengths = cli.list_type(int, name="--steps_per_round", example="1000 or 1000,1000,3000",
+                            minimum=1)(text)
+    return lengths[0] if len(lengths) == 1 and "," not in text else tuple(lengths)
 
 
 def run(prog: str = "diffusion-distill") -> None:
