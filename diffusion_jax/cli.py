@@ -25,6 +25,11 @@ def start(program: str) -> None:
     so nothing half-written is left where a finished file is expected."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     enable_compilation_cache()
+    try:
+        use_cpu_cores()
+    except ValueError as e:
+        sys.stderr.write(f"{program}: {e}\n")
+        sys.exit(2)
 
     def interrupted(*_):
         sys.stderr.write(f"{program}: interrupted\n")
@@ -66,6 +71,44 @@ def enable_compilation_cache(environ=os.environ) -> str | None:
         environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
         environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
     return folder
+
+
+CPU_DEVICES_ENV = "DIFFUSION_JAX_CPU_DEVICES"
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_device_count(environ=os.environ, cores: int | None = None) -> int:
+    """How many devices the CPU is shown to jax as: ``$DIFFUSION_JAX_CPU_DEVICES`` if set (1 =
+    one device, jax's default), else the largest power of two <= the usable cores (so that it
+    divides the usual batch sizes; training refuses a batch it does not divide). ValueError
+    for a value that is not an integer >= 1."""
+    value = environ.get(CPU_DEVICES_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(
+                f"${CPU_DEVICES_ENV} must be an integer >= 1 (1 = the CPU as one device), "
+                f"got {value!r}"
+            )
+        return int(value)
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 << (max(1, cores or 1).bit_length() - 1)
+
+
+def use_cpu_cores(environ=os.environ, cores: int | None = None) -> int | None:
+    """Show jax the CPU as :func:`cpu_device_count` devices (before jax initialises its
+    backends: it reads ``XLA_FLAGS`` then), so that the data-parallel mesh of sampling,
+    training and distillation splits each batch over the cores. XLA runs one CPU device's
+    small convolutions on about one core: on two cores this halves the time of a batch
+    (docs/BENCHMARKS.md). No effect on GPUs and TPUs (their devices are not the CPU's). A device
+    count the user put in ``XLA_FLAGS`` wins. Returns the count set, or None if left alone."""
+    flags = environ.get("XLA_FLAGS", "")
+    if _DEVICE_COUNT_FLAG in flags:
+        return None
+    n = cpu_device_count(environ, cores)
+    if n > 1:
+        environ["XLA_FLAGS"] = f"{flags} {_DEVICE_COUNT_FLAG}={n}".strip()
+    return n
 
 
 def command_parser(prog: str, doc: str) -> argparse.ArgumentParser:

@@ -10,6 +10,10 @@ student starts from the teacher's parameters (round 0 adds the zero-initialised 
 A round's ``meta`` holds the student's config (the teacher's, with the student's prediction) and
 a ``distill`` record: the round, its steps and their timesteps, the w range and the teacher.
 
+Round r takes ``settings.round_length(r)`` optimiser steps; resuming may change the length of a
+round that has no checkpoint yet (nothing else). With several local devices (the CPU's cores,
+``cli.use_cpu_cores``; GPUs) every step's batch is split over them, parameters replicated.
+
 Everything random derives from ``settings.seed``: round r's key is ``fold_in(seed, r)``, step s
 of it draws from ``fold_in(fold_in(round key, 1), s)``, so an interrupted round resumes to the
 result of an uninterrupted one.

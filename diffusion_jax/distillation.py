@@ -73,7 +73,7 @@ class DistillSettings:
     start_steps: int = 32
     start_spacing: str = "uniform"
     rounds: int = 5
-    steps_per_round: int | tuple[int, ...] = 1000
+    steps_per_round: int | tuple[int, ...] = (1000, 1000, 1000, 1000, 7000)
     w_min: float = 0.0
     w_max: float = 2.0
     batch_size: int = 64
@@ -119,8 +119,9 @@ class DistillSettings:
             if len(self.steps_per_round) != self.rounds:
                 raise ValueError(
                     f"steps_per_round gives {len(self.steps_per_round)} lengths for "
-                    f"{self.rounds} rounds: give one number for every round, or one per round "
-                    "(e.g. --steps_per_round 1000,1000,3000 with --rounds 3)"
+                    f"{self.rounds} rounds (the default is the shipped recipe's, for 5): give "
+                    "one number for every round, or one per round (e.g. --rounds 3 "
+                    "--steps_per_round 1000,1000,3000)"
                 )
             for r, length in enumerate(self.steps_per_round):
                 _check_positive_int(f"steps_per_round (round {r})", length)

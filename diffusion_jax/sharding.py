@@ -52,9 +52,11 @@ def batch_sharded(mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
+        cpu = mesh.devices.flat[0].platform == "cpu"
         raise ValueError(
             f"batch_size {batch_size} must be divisible by the {n} devices of the data-parallel "
             f"mesh; use a multiple of {n}"
+            + (" (or set DIFFUSION_JAX_CPU_DEVICES=1: the CPU as one device)" if cpu else "")
         )
 
 

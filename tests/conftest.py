@@ -13,6 +13,9 @@ os.environ["DIFFUSION_JAX_COMPILATION_CACHE"] = "off"
 # Training keeps its steps_per_dispatch loop on the CPU, so the tests exercise the program that
 # GPUs and TPUs run (on its own the CPU takes one straight-line step per dispatch).
 os.environ["DIFFUSION_JAX_CPU_STEP_LOOP"] = "1"
+# Commands run as subprocesses see the CPU as one device, as the in-process tests do (the
+# multi-device paths have tests of their own: test_sharding.py, test_distillation.py).
+os.environ["DIFFUSION_JAX_CPU_DEVICES"] = "1"
 # Test programs are tiny and compile once: XLA's backend optimisations cost more time (a tiny
 # U-Net's init compiles in 15 s with them, 6 s without) than they save.
 os.environ["XLA_FLAGS"] = (

@@ -15,7 +15,9 @@ sys.path.insert(0, ROOT)  # `benchmarks` is a folder of the repository, not an i
 
 from benchmarks.workloads import RunSpec  # noqa: E402
 
-SCRIPTS = ("benchmark", "quality_vs_time", "profile_step", "torch_peer", "bf16_loss_curves")
+SCRIPTS = (
+    "benchmark", "quality_vs_time", "profile_step", "torch_peer", "bf16_loss_curves", "cpu_devices"
+)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -140,6 +140,47 @@ def test_compilation_cache_folder_and_off_switch(tmp_path):
         assert cli.enable_compilation_cache(env) is None and "JAX_COMPILATION_CACHE_DIR" not in env
 
 
+def test_cpu_cores_shown_to_jax_as_devices():
+    """The commands show jax the CPU's cores as devices (the data-parallel mesh then splits each
+    batch over them): the largest power of two <= the cores, or $DIFFUSION_JAX_CPU_DEVICES; a
+    count already in XLA_FLAGS wins; a bad value is one line naming the variable, exit 2."""
+    from diffusion_jax import cli
+
+    for cores, n in ((1, 1), (2, 2), (3, 2), (6, 4), (16, 16), (24, 16)):
+        assert cli.cpu_device_count({}, cores) == n
+    env = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    assert cli.use_cpu_cores(env, cores=6) == 4
+    assert env["XLA_FLAGS"] == (
+        "--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4"
+    )
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+    assert cli.use_cpu_cores(env, cores=8) is None
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    env = {cli.CPU_DEVICES_ENV: "1"}
+    assert cli.use_cpu_cores(env, cores=8) == 1 and "XLA_FLAGS" not in env
+    env = {cli.CPU_DEVICES_ENV: " 3 "}
+    assert cli.use_cpu_cores(env, cores=2) == 3
+    assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    for bad in ("0", "two", "-1", "1.5"):
+        with pytest.raises(ValueError, match="DIFFUSION_JAX_CPU_DEVICES must be an integer"):
+            cli.cpu_device_count({cli.CPU_DEVICES_ENV: bad})
+    code = "from diffusion_jax import cli; cli.start('x.py'); import jax; print(jax.device_count())"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    for value, out in (("2", "2"), ("1", "1")):
+        env[cli.CPU_DEVICES_ENV] = value
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == out, proc.stderr[-2000:]
+    env[cli.CPU_DEVICES_ENV] = "many"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "x.py: $DIFFUSION_JAX_CPU_DEVICES must be an integer >= 1 (1 = the CPU as one device), "
+        "got 'many'"
+    ]
+
+
 def sampling_args(*argv):
     import argparse
 

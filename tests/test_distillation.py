@@ -460,6 +460,8 @@ def test_bad_inputs(teacher_run, tmp_path):
     ):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(SMALL, **changes).validate()
+    with pytest.raises(ValueError, match="the default is the shipped recipe's, for 5"):
+        distillation.DistillSettings(start_steps=8, rounds=3).validate()  # default lengths
     with pytest.raises(checkpoints.CheckpointError, match="no checkpoint at"):
         distill_rounds.distill(str(tmp_path / "o"), str(tmp_path / "missing"), SMALL, dataset=ds)
     with pytest.raises(ValueError, match=r"start_steps must be in \[2, 40\]"):
@@ -503,7 +505,7 @@ def test_command_interrupt_resume_and_errors(teacher_run, tmp_path):
     out = str(tmp_path / "out")
     common = [sys.executable, script, "--teacher", folder, "--workdir", out, "--start_steps", "8",
               "--rounds", "1", "--batch_size", "8", "--log_every", "1", "--checkpoint_every",
-              "1000", "--student_prediction", "eps"]
+              "1000", "--student_prediction", "eps", "--steps_per_round", "4"]
     bad = subprocess.run(common + ["--w_min", "3", "--w_max", "1"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "w range is reversed" in bad.stderr
@@ -534,6 +536,6 @@ def test_command_interrupt_resume_and_errors(teacher_run, tmp_path):
     text = interrupted_run(f"round 0: step {saved + 1}/")
     assert f"8 -> 4 steps, step {saved}/100000" in text
     # other flags: refused, nothing changed
-    again = subprocess.run(common + ["--steps_per_round", "4"], capture_output=True, text=True,
+    again = subprocess.run(common + ["--steps_per_round", "5"], capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 2 and "different settings (steps_per_round)" in again.stderr

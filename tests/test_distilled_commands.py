@@ -123,3 +123,29 @@ def test_solver_sweep_refuses_a_students_folder_that_is_no_distillation_run(
         solver_sweep.main(argv)
     message = capsys.readouterr().err
     assert err.value.code == 2 and "is not a distill.py run" in message
+
+
+def test_cpu_devices_benchmark_times_the_students_on_one_and_two_devices(distilled, tmp_path):
+    """benchmarks/cpu_devices.py: each device count in its own process (the script refuses a
+    run whose process had another count), a row per student and batch size, training and
+    distillation rows, a speed-up column, the report written once and never replaced."""
+    from benchmarks import cpu_devices
+
+    out = str(tmp_path / "cpu.md")
+    argv = ["--students", distilled, "--steps", "1,2", "--batch_sizes", "4", "--samples", "6",
+            "--repeats", "1", "--train_steps", "1", "--distill_steps", "1", "--devices", "1,2",
+            "--out", out]
+    text = cpu_devices.main(argv)
+    assert open(out).read() == text
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ")][1:]
+    assert [r[0].lstrip("| ") for r in rows] == [
+        "sample, 1-step student, batch 4", "sample, 2-step student, batch 4",
+        "train step (teacher's config, synthetic data)",
+        "distill step, round 0 (guided teacher, synthetic data)",
+    ]
+    for r in rows:
+        one, two, ratio = float(r[2]), float(r[3]), float(r[4].rstrip(" |"))
+        assert one > 0 and two > 0 and ratio == pytest.approx(one / two, rel=0.02)
+    with pytest.raises(SystemExit) as refused:  # before measuring anything
+        cpu_devices.main(argv)
+    assert refused.value.code == 2 and open(out).read() == text

@@ -44,3 +44,18 @@ def test_shipped_students_sample_digits_in_1_to_16_steps():
         # white strokes on a black background: most pixels near -1, some near +1
         assert np.mean(x < -0.8) > 0.6 and np.mean(x > 0.5) > 0.05, steps
 
+
+
+def test_distill_defaults_are_the_shipped_students_recipe():
+    """``python distill.py --teacher pretrained/mnist5k_cpu`` with no other flag is the run that
+    made the shipped students: its settings are the ones their distill.json records."""
+    import dataclasses
+    import json
+
+    from diffusion_jax.distillation import DistillSettings
+
+    with open(os.path.join(DISTILLED, "distill.json")) as f:
+        record = json.load(f)
+    defaults = json.loads(json.dumps(dataclasses.asdict(DistillSettings())))
+    assert record["settings"] == defaults
+    assert (record["teacher"], record["teacher_step"]) == ("pretrained/mnist5k_cpu", 11000)

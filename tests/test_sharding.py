@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -248,12 +249,17 @@ def test_shards_are_disjoint_equal_and_balanced():
 def test_batch_and_shards_must_divide_over_devices():
     from diffusion_jax import sharding
 
-    class EightDevices:  # the checks only count the mesh's devices
-        devices = np.empty(8, object)
+    class EightDevices:  # the checks only count the mesh's devices (and name their platform)
+        devices = np.array([types.SimpleNamespace(platform="gpu")] * 8, object)
 
     sharding.check_batch_size(16, EightDevices())
-    with pytest.raises(ValueError, match="divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="divisible by the 8 devices") as error:
         sharding.check_batch_size(12, EightDevices())
+    assert "DIFFUSION_JAX_CPU_DEVICES" not in str(error.value)
+    cpu = EightDevices()
+    cpu.devices = np.array([types.SimpleNamespace(platform="cpu")] * 8, object)
+    with pytest.raises(ValueError, match="or set DIFFUSION_JAX_CPU_DEVICES=1: the CPU as one"):
+        sharding.check_batch_size(12, cpu)
     sharding.check_num_shards(4, EightDevices())
     with pytest.raises(ValueError, match="must divide the 8 devices"):
         sharding.check_num_shards(3, EightDevices())

@@ -60,7 +60,7 @@ def main(argv=None, prog: str = "distill.py") -> int:
                     "student_prediction": ("", *distillation.STUDENT_PREDICTIONS),
                     "start_spacing": SPACINGS,
                 }.get(field.name),
-                help=f"{_HELP[field.name]} (default: {value!r})",
+                help=f"{_HELP[field.name]} (default: {_shown(value)})",
             )
     parser.add_argument(
         "--no_clip_teacher",
@@ -83,6 +83,11 @@ def main(argv=None, prog: str = "distill.py") -> int:
             return 130
         print(f"done: {result.rounds_done} rounds; the last student is in {result.path}")
     return 0
+
+
+def _shown(value) -> str:
+    """A default as it would be typed: ``1000,1000,3000`` for a tuple."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
 
 
 def _round_lengths(text: str) -> int | tuple[int, ...]:
